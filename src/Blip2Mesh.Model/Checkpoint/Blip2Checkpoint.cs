@@ -1,0 +1,109 @@
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+
+namespace Blip2Mesh.Model.Checkpoint;
+
+/// <summary>A weight located in one of the checkpoint's memory-mapped safetensors files.</summary>
+public sealed record WeightRef(SafetensorsFile File, SafetensorsEntry Entry)
+{
+    public string Name => Entry.Name;
+}
+
+/// <summary>
+/// A Hugging Face BLIP-2 snapshot directory: config.json plus model.safetensors or the shards listed in
+/// model.safetensors.index.json. Weights stay memory-mapped; nothing is read until a graph needs it.
+/// </summary>
+public sealed class Blip2Checkpoint : IDisposable
+{
+    private const string SingleFile = "model.safetensors";
+    private const string IndexFile = "model.safetensors.index.json";
+
+    private readonly List<SafetensorsFile> _files = [];
+    private readonly Dictionary<string, WeightRef> _weights = new(StringComparer.Ordinal);
+
+    public string Directory { get; }
+    public Blip2Config Config { get; }
+    /// <summary>Identifies this exact model: config, tensor layout and a sample of the weight bytes.</summary>
+    public string Fingerprint { get; }
+    public IReadOnlyDictionary<string, WeightRef> Weights => _weights;
+
+    private Blip2Checkpoint(string directory)
+    {
+        Directory = Path.GetFullPath(directory);
+        if (!System.IO.Directory.Exists(Directory))
+            throw new DirectoryNotFoundException($"model directory '{directory}' does not exist");
+        var configPath = Path.Combine(Directory, "config.json");
+        if (!File.Exists(configPath)) throw new FileNotFoundException($"{configPath} is missing", configPath);
+        Config = Blip2Config.Load(configPath);
+        try
+        {
+            foreach (var file in WeightFiles()) Add(SafetensorsFile.Open(Path.Combine(Directory, file)));
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+        Fingerprint = ComputeFingerprint(configPath);
+    }
+
+    public static Blip2Checkpoint Open(string directory) => new(directory);
+
+    private IEnumerable<string> WeightFiles()
+    {
+        var indexPath = Path.Combine(Directory, IndexFile);
+        if (File.Exists(indexPath))
+        {
+            using var index = JsonDocument.Parse(File.ReadAllBytes(indexPath));
+            if (!index.RootElement.TryGetProperty("weight_map", out var map))
+                throw new InvalidDataException($"{indexPath}: no weight_map");
+            return map.EnumerateObject().Select(p => p.Value.GetString() ?? "").Distinct().Order(StringComparer.Ordinal).ToList();
+        }
+        if (File.Exists(Path.Combine(Directory, SingleFile))) return [SingleFile];
+        throw new FileNotFoundException($"{Directory} has neither {SingleFile} nor {IndexFile}");
+    }
+
+    private void Add(SafetensorsFile file)
+    {
+        _files.Add(file);
+        foreach (var entry in file.Tensors.Values)
+        {
+            if (!_weights.TryAdd(entry.Name, new WeightRef(file, entry)))
+                throw new InvalidDataException($"{file.Path}: tensor '{entry.Name}' also appears in {_weights[entry.Name].File.Path}");
+        }
+    }
+
+    public bool Has(string name) => _weights.ContainsKey(name);
+
+    /// <summary>The named weight, checked against the shape the model expects.</summary>
+    public WeightRef Weight(string name, params long[] expectedShape)
+    {
+        if (!_weights.TryGetValue(name, out var weight))
+            throw new InvalidDataException($"{Directory}: weight '{name}' is missing from {string.Join(", ", _files.Select(f => Path.GetFileName(f.Path)))}");
+        if (!weight.Entry.Shape.SequenceEqual(expectedShape))
+            throw new InvalidDataException(
+                $"{weight.File.Path}: weight '{name}' has shape [{string.Join(", ", weight.Entry.Shape)}], expected [{string.Join(", ", expectedShape)}] from config.json");
+        return weight;
+    }
+
+    private string ComputeFingerprint(string configPath)
+    {
+        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        sha.AppendData(File.ReadAllBytes(configPath));
+        foreach (var w in _weights.Values.OrderBy(w => w.Name, StringComparer.Ordinal))
+        {
+            sha.AppendData(Encoding.UTF8.GetBytes($"{w.Name}|{w.Entry.DType}|{string.Join(",", w.Entry.Shape)}\n"));
+            // A sample of each tensor's bytes tells apart checkpoints of one architecture without hashing GBs.
+            var bytes = w.File.Bytes(w.Entry);
+            sha.AppendData(bytes[..Math.Min(bytes.Length, 256)]);
+        }
+        return Convert.ToHexStringLower(sha.GetHashAndReset())[..16];
+    }
+
+    public void Dispose()
+    {
+        foreach (var file in _files) file.Dispose();
+        _files.Clear();
+    }
+}

@@ -1,0 +1,196 @@
+using Blip2Mesh.Model.Checkpoint;
+using Blip2Mesh.Model.Onnx;
+using Microsoft.ML.OnnxRuntime;
+
+namespace Blip2Mesh.Model.Runtime;
+
+/// <summary>Output of the Q-Former stage.</summary>
+public sealed record QFormerOutput(FloatTensor QueryOutput, FloatTensor QueryEmbeds);
+
+/// <summary>
+/// Output of the T5 encoder stage: what the decoder needs for every step of a request
+/// (cross-attention keys/values per decoder layer and the encoder padding mask).
+/// </summary>
+public sealed record EncoderOutput(FloatTensor InputsEmbeds, FloatTensor LastHiddenState, FloatTensor[] CrossKeys, FloatTensor[] CrossValues, long[] AttentionMask)
+{
+    public int Batch => (int)LastHiddenState.Shape[0];
+    public int SequenceLength => (int)LastHiddenState.Shape[1];
+}
+
+/// <summary>One decoder step's result: logits [B, V] and the self-attention cache grown by one slot.</summary>
+public sealed record DecoderStepOutput(FloatTensor Logits, FloatTensor[] PresentKeys, FloatTensor[] PresentValues);
+
+/// <summary>
+/// The four BLIP-2 stage graphs of one checkpoint, each built on first use and run with ONNX Runtime.
+/// Services load only the stages they serve.
+/// </summary>
+public sealed class Blip2Model : IDisposable
+{
+    private readonly ExecutionOptions _execution;
+    private readonly Lazy<StageSession> _visionPixelValues;
+    private readonly Lazy<StageSession> _visionRgb8;
+    private readonly Lazy<StageSession> _qformer;
+    private readonly Lazy<StageSession> _encoder;
+    private readonly Lazy<StageSession> _decoder;
+
+    public Blip2Checkpoint Checkpoint { get; }
+    public Blip2Config Config => Checkpoint.Config;
+
+    private Blip2Model(Blip2Checkpoint checkpoint, ExecutionOptions execution, PixelInput.Rgb8 rgbNormalization)
+    {
+        Checkpoint = checkpoint;
+        _execution = execution;
+        _visionPixelValues = Stage("vision", g => VisionGraph.Build(g, new PixelInput.Normalized()));
+        _visionRgb8 = Stage("vision-rgb8", g => VisionGraph.Build(g, rgbNormalization));
+        _qformer = Stage("qformer", QFormerGraph.Build);
+        _encoder = Stage("t5-encoder", T5EncoderGraph.Build);
+        _decoder = Stage("t5-decoder-step", T5DecoderStepGraph.Build);
+    }
+
+    /// <param name="rgbNormalization">The image processor's rescale/normalise settings, folded into the uint8 vision graph.</param>
+    public static Blip2Model Load(string directory, PixelInput.Rgb8 rgbNormalization, ExecutionOptions? execution = null) =>
+        new(Blip2Checkpoint.Open(directory), execution ?? new ExecutionOptions(), rgbNormalization);
+
+    private Lazy<StageSession> Stage(string name, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
+        new(() => new StageSession(name, build(new OnnxGraphBuilder(Checkpoint, name)), Checkpoint, _execution));
+
+    /// <summary>Builds the sessions of the named stages now rather than on first request.</summary>
+    public void Warm(bool vision = false, bool qformer = false, bool decoder = false)
+    {
+        if (vision) _ = _visionRgb8.Value;
+        if (qformer) _ = _qformer.Value;
+        if (decoder) { _ = _encoder.Value; _ = _decoder.Value; }
+    }
+
+    /// <summary>Vision stage on preprocessed float pixel_values [B, 3, H, W] → image_embeds [B, N, Dv].</summary>
+    public FloatTensor EmbedPixelValues(FloatTensor pixelValues)
+    {
+        using var input = Tensors.ToOrt(pixelValues);
+        using var outputs = _visionPixelValues.Value.Run(new Dictionary<string, OrtValue> { [VisionGraph.PixelValues] = input });
+        return Tensors.ToFloat(outputs[0]);
+    }
+
+    /// <summary>Vision stage on resized uint8 RGB pixels [B, H, W, 3] → image_embeds [B, N, Dv].</summary>
+    public FloatTensor EmbedRgb(byte[] pixels, int batch)
+    {
+        var size = Config.Vision.ImageSize;
+        using var input = OrtValue.CreateTensorValueFromMemory(pixels, [batch, size, size, 3]);
+        using var outputs = _visionRgb8.Value.Run(new Dictionary<string, OrtValue> { [VisionGraph.Pixels] = input });
+        return Tensors.ToFloat(outputs[0]);
+    }
+
+    /// <summary>Q-Former + language projection on image_embeds [B, N, Dv].</summary>
+    public QFormerOutput RunQFormer(FloatTensor imageEmbeds)
+    {
+        using var input = Tensors.ToOrt(imageEmbeds);
+        var session = _qformer.Value;
+        using var outputs = session.Run(new Dictionary<string, OrtValue> { [QFormerGraph.ImageEmbeds] = input });
+        return new QFormerOutput(
+            Tensors.ToFloat(outputs[session.OutputIndex(QFormerGraph.QueryOutput)]),
+            Tensors.ToFloat(outputs[session.OutputIndex(QFormerGraph.QueryEmbeds)]));
+    }
+
+    /// <summary>
+    /// T5 encoder over [query_embeds ; prompt ids] for a batch; prompts of different lengths are right-padded
+    /// with pad_token_id and masked, as HF pads them.
+    /// </summary>
+    public EncoderOutput Encode(FloatTensor queryEmbeds, IReadOnlyList<IReadOnlyList<int>> promptIds)
+    {
+        var batch = promptIds.Count;
+        if (queryEmbeds.Shape[0] != batch) throw new ArgumentException("one prompt per query_embeds row is required");
+        var promptLength = promptIds.Max(p => p.Count);
+        var sequence = Config.NumQueryTokens + promptLength;
+        var ids = new long[batch * promptLength];
+        var mask = new long[batch * sequence];
+        for (var b = 0; b < batch; b++)
+        {
+            for (var t = 0; t < promptLength; t++) ids[b * promptLength + t] = t < promptIds[b].Count ? promptIds[b][t] : Config.Text.PadTokenId;
+            for (var s = 0; s < Config.NumQueryTokens + promptIds[b].Count; s++) mask[b * sequence + s] = 1;
+        }
+        using var queries = Tensors.ToOrt(queryEmbeds);
+        using var idsValue = OrtValue.CreateTensorValueFromMemory(ids, [batch, promptLength]);
+        using var maskValue = OrtValue.CreateTensorValueFromMemory(mask, [batch, sequence]);
+        var session = _encoder.Value;
+        using var outputs = session.Run(new Dictionary<string, OrtValue>
+        {
+            [T5EncoderGraph.QueryEmbeds] = queries,
+            [T5EncoderGraph.InputIds] = idsValue,
+            [T5EncoderGraph.AttentionMask] = maskValue,
+        });
+        var layers = Config.Text.NumDecoderLayers;
+        var crossKeys = new FloatTensor[layers];
+        var crossValues = new FloatTensor[layers];
+        for (var i = 0; i < layers; i++)
+        {
+            crossKeys[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.CrossKey(i))]);
+            crossValues[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.CrossValue(i))]);
+        }
+        return new EncoderOutput(
+            Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.InputsEmbeds)]),
+            Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.LastHiddenState)]),
+            crossKeys, crossValues, mask);
+    }
+
+    /// <summary>
+    /// One decoder step for a batch of rows. <paramref name="keyPositions"/> is [B, K] (row-major): the position of
+    /// each self-attention slot, the last being the new token's own position, −1 for an empty slot.
+    /// </summary>
+    public DecoderStepOutput DecodeStep(long[] inputIds, long[] keyPositions, FloatTensor[] pastKeys, FloatTensor[] pastValues,
+        FloatTensor[] crossKeys, FloatTensor[] crossValues, long[] encoderMask)
+    {
+        var batch = inputIds.Length;
+        var keys = keyPositions.Length / batch;
+        var sequence = encoderMask.Length / batch;
+        var values = new List<OrtValue>();
+        try
+        {
+            OrtValue Add(OrtValue v) { values.Add(v); return v; }
+            var inputs = new Dictionary<string, OrtValue>
+            {
+                [T5DecoderStepGraph.InputIds] = Add(OrtValue.CreateTensorValueFromMemory(inputIds, [batch])),
+                [T5DecoderStepGraph.KeyPositions] = Add(OrtValue.CreateTensorValueFromMemory(keyPositions, [batch, keys])),
+                [T5DecoderStepGraph.EncoderAttentionMask] = Add(OrtValue.CreateTensorValueFromMemory(encoderMask, [batch, sequence])),
+            };
+            for (var i = 0; i < pastKeys.Length; i++)
+            {
+                inputs[T5DecoderStepGraph.PastKey(i)] = Add(Tensors.ToOrt(pastKeys[i]));
+                inputs[T5DecoderStepGraph.PastValue(i)] = Add(Tensors.ToOrt(pastValues[i]));
+                inputs[T5EncoderGraph.CrossKey(i)] = Add(Tensors.ToOrt(crossKeys[i]));
+                inputs[T5EncoderGraph.CrossValue(i)] = Add(Tensors.ToOrt(crossValues[i]));
+            }
+            var session = _decoder.Value;
+            using var outputs = session.Run(inputs);
+            var layers = pastKeys.Length;
+            var presentKeys = new FloatTensor[layers];
+            var presentValues = new FloatTensor[layers];
+            for (var i = 0; i < layers; i++)
+            {
+                presentKeys[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.PresentKey(i))]);
+                presentValues[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.PresentValue(i))]);
+            }
+            return new DecoderStepOutput(Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.Logits)]), presentKeys, presentValues);
+        }
+        finally
+        {
+            foreach (var v in values) v.Dispose();
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var stage in new[] { _visionPixelValues, _visionRgb8, _qformer, _encoder, _decoder })
+            if (stage.IsValueCreated) stage.Value.Dispose();
+        Checkpoint.Dispose();
+    }
+}
+
+internal static class Tensors
+{
+    public static OrtValue ToOrt(FloatTensor tensor) => OrtValue.CreateTensorValueFromMemory(tensor.Data, tensor.Shape);
+
+    public static FloatTensor ToFloat(OrtValue value)
+    {
+        var shape = value.GetTensorTypeAndShape().Shape;
+        return new FloatTensor(value.GetTensorDataAsSpan<float>().ToArray(), shape);
+    }
+}

@@ -1,0 +1,42 @@
+using Microsoft.ML.OnnxRuntime;
+
+namespace Blip2Mesh.Model.Runtime;
+
+public enum ExecutionDevice { Cpu, Cuda }
+
+/// <summary>Where and how the stage graphs run. CPU unless CUDA is asked for; never a silent fallback.</summary>
+public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.Cpu, int DeviceId = 0, int IntraOpThreads = 0)
+{
+    public static ExecutionDevice ParseDevice(string value) => value.ToLowerInvariant() switch
+    {
+        "cpu" => ExecutionDevice.Cpu,
+        "cuda" or "gpu" => ExecutionDevice.Cuda,
+        _ => throw new ArgumentException($"unknown device '{value}' (expected cpu or cuda)"),
+    };
+
+    internal SessionOptions CreateSessionOptions(string externalDataFolder)
+    {
+        var options = new SessionOptions
+        {
+            GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL,
+            IntraOpNumThreads = IntraOpThreads,
+        };
+        // The graphs are built in memory; their weights are external data inside the checkpoint's shards.
+        options.AddSessionConfigEntry("session.model_external_initializers_file_folder_path", externalDataFolder);
+        if (Device == ExecutionDevice.Cuda)
+        {
+            try
+            {
+                options.AppendExecutionProvider_CUDA(DeviceId);
+            }
+            catch (Exception e) when (e is OnnxRuntimeException or EntryPointNotFoundException or DllNotFoundException)
+            {
+                options.Dispose();
+                throw new InvalidOperationException(
+                    $"CUDA execution was requested but is not available on this machine (device {DeviceId}): {e.Message}. " +
+                    "Install the CUDA 12 runtime and cuDNN 9, or run with --device cpu.", e);
+            }
+        }
+        return options;
+    }
+}
