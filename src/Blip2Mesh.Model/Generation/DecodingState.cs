@@ -1,0 +1,255 @@
+using Blip2Mesh.Model.Checkpoint;
+using Blip2Mesh.Model.Runtime;
+
+namespace Blip2Mesh.Model.Generation;
+
+/// <summary>One finished sequence: ids as HF <c>generate</c> returns them (decoder start token first).</summary>
+public sealed record GeneratedSequence(IReadOnlyList<int> Ids, string FinishReason, double? Score);
+
+/// <summary>
+/// The decoding state of one request: the rows it advances each step (one, or one per beam), their token ids,
+/// their self-attention caches and the encoder's cross-attention keys/values. A scheduler asks it for the next
+/// step's inputs and hands back the step's logits; it never runs the model itself, so requests can share steps.
+/// </summary>
+public sealed class DecodingState
+{
+    private readonly T5Config _text;
+    private readonly GenerationOptions _options;
+    private readonly Random _random;
+    private readonly int _maxLength;
+    private List<int>[] _rows;
+    private float[] _beamScores;
+    private readonly List<Hypothesis> _hypotheses = [];
+    private readonly List<GeneratedSequence> _results = [];
+    private int _emitted;
+
+    private sealed record Hypothesis(double Score, List<int> Ids, bool EndedWithEos);
+
+    public DecodingState(Blip2Config config, EncoderOutput encoder, GenerationOptions options)
+    {
+        if (encoder.Batch != 1) throw new ArgumentException("a decoding state is built from one encoder row");
+        _text = config.Text;
+        _options = options.Validate();
+        _random = options.Seed is { } seed ? new Random(unchecked((int)seed ^ (int)(seed >> 32))) : Random.Shared;
+        _maxLength = 1 + options.MaxNewTokens;
+        var rows = options.NumBeams;
+        _rows = Enumerable.Range(0, rows).Select(_ => new List<int> { _text.DecoderStartTokenId }).ToArray();
+        // HF starts every beam but the first at -1e9 so the first step expands one beam only.
+        _beamScores = Enumerable.Range(0, rows).Select(i => i == 0 ? 0f : -1e9f).ToArray();
+
+        CrossKeys = encoder.CrossKeys.Select(t => Repeat(t, rows)).ToArray();
+        CrossValues = encoder.CrossValues.Select(t => Repeat(t, rows)).ToArray();
+        EncoderMask = Enumerable.Repeat(encoder.AttentionMask, rows).SelectMany(m => m).ToArray();
+        var empty = FloatTensor.Zeros(rows, _text.NumHeads, 0, _text.DKv);
+        PastKeys = Enumerable.Repeat(empty, _text.NumDecoderLayers).ToArray();
+        PastValues = Enumerable.Repeat(empty, _text.NumDecoderLayers).ToArray();
+    }
+
+    public int Rows => _rows.Length;
+    public int Length => _rows[0].Count;
+    public bool IsFinished { get; private set; }
+    public FloatTensor[] PastKeys { get; private set; }
+    public FloatTensor[] PastValues { get; private set; }
+    public FloatTensor[] CrossKeys { get; }
+    public FloatTensor[] CrossValues { get; }
+    public long[] EncoderMask { get; }
+    /// <summary>Per generated step, the raw logit of the token greedy/sampling chose (for parity checks).</summary>
+    public List<float> ChosenTokenLogits { get; } = [];
+
+    /// <summary>The finished sequences, best first (num_return_sequences of them); empty until finished.</summary>
+    public IReadOnlyList<GeneratedSequence> Results => _results;
+
+    /// <summary>Last token of every row: the decoder input of the next step.</summary>
+    public long[] NextInputIds() => _rows.Select(r => (long)r[^1]).ToArray();
+
+    /// <summary>Self-attention slot positions for the next step: 0..Length−1 for every row.</summary>
+    public long[] KeyPositions()
+    {
+        var positions = new long[Rows * Length];
+        for (var r = 0; r < Rows; r++)
+            for (var t = 0; t < Length; t++) positions[r * Length + t] = t;
+        return positions;
+    }
+
+    /// <summary>
+    /// Consumes one step's logits [Rows, V] and grown caches, and returns the tokens that are now final
+    /// (every token for greedy and sampling; for beam search the prefix no candidate can change any more).
+    /// </summary>
+    public IReadOnlyList<int> Advance(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    {
+        if (IsFinished) throw new InvalidOperationException("the request has already finished");
+        if (_options.IsBeamSearch) AdvanceBeams(logits, presentKeys, presentValues);
+        else AdvanceSingle(logits, presentKeys, presentValues);
+        return TakeStableTokens();
+    }
+
+    private void AdvanceSingle(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    {
+        var ids = _rows[0];
+        var scores = logits.Row(0).ToArray();
+        var raw = logits.Row(0);
+        LogitsProcessors.Process(scores, ids, _options, _text.EosTokenId);
+        int next;
+        if (_options.DoSample)
+        {
+            LogitsProcessors.Warp(scores, _options);
+            next = Sample(LogitsProcessors.Softmax(scores));
+        }
+        else
+        {
+            next = LogitsProcessors.ArgMax(scores);
+        }
+        ChosenTokenLogits.Add(raw[next]);
+        ids.Add(next);
+        PastKeys = presentKeys;
+        PastValues = presentValues;
+        if (next == _text.EosTokenId || ids.Count >= _maxLength)
+        {
+            _results.Add(new GeneratedSequence(ids, next == _text.EosTokenId ? "eos" : "length", null));
+            IsFinished = true;
+        }
+    }
+
+    private int Sample(double[] probabilities)
+    {
+        var u = _random.NextDouble();
+        double cumulative = 0;
+        var last = 0;
+        for (var i = 0; i < probabilities.Length; i++)
+        {
+            if (probabilities[i] <= 0) continue;
+            last = i;
+            cumulative += probabilities[i];
+            if (u < cumulative) return i;
+        }
+        return last;
+    }
+
+    /// <summary>One step of HF's beam_search with BeamSearchScorer.process and BeamHypotheses (transformers 4.33).</summary>
+    private void AdvanceBeams(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    {
+        var beams = _options.NumBeams;
+        var vocab = (int)logits.Shape[1];
+        var curLen = Length;
+        var candidates = new float[beams * vocab];
+        for (var b = 0; b < beams; b++)
+        {
+            var row = candidates.AsSpan(b * vocab, vocab);
+            logits.Row(b).CopyTo(row);
+            LogitsProcessors.LogSoftmax(row);
+            LogitsProcessors.Process(row, _rows[b], _options, _text.EosTokenId);
+            for (var v = 0; v < vocab; v++) row[v] += _beamScores[b];
+        }
+        var top = TopK(candidates, 2 * beams);
+
+        var nextRows = new List<int>[beams];
+        var nextScores = new float[beams];
+        var sources = new int[beams];
+        var filled = 0;
+        for (var rank = 0; rank < top.Length && filled < beams; rank++)
+        {
+            var (index, score) = top[rank];
+            var token = index % vocab;
+            var source = index / vocab;
+            if (token == _text.EosTokenId)
+            {
+                // An end-of-sequence outside the top num_beams candidates is not a hypothesis.
+                if (rank >= beams) continue;
+                AddHypothesis(new List<int>(_rows[source]), score, endedWithEos: true);
+            }
+            else
+            {
+                nextRows[filled] = [.. _rows[source], token];
+                nextScores[filled] = score;
+                sources[filled] = source;
+                filled++;
+            }
+        }
+        var done = IsDone(top[0].Score, curLen);
+
+        _rows = nextRows;
+        _beamScores = nextScores;
+        PastKeys = presentKeys.Select(t => Gather(t, sources)).ToArray();
+        PastValues = presentValues.Select(t => Gather(t, sources)).ToArray();
+
+        if (done || Length >= _maxLength) Finalize(done);
+    }
+
+    private void AddHypothesis(List<int> ids, double sumLogProbs, bool endedWithEos)
+    {
+        var score = sumLogProbs / Math.Pow(ids.Count, _options.LengthPenalty);
+        if (_hypotheses.Count < _options.NumBeams || score > WorstScore())
+        {
+            _hypotheses.Add(new Hypothesis(score, ids, endedWithEos));
+            if (_hypotheses.Count > _options.NumBeams) _hypotheses.RemoveAt(IndexOfWorst());
+        }
+    }
+
+    private double WorstScore() => _hypotheses.Count == 0 ? 1e9 : _hypotheses.Min(h => h.Score);
+
+    private int IndexOfWorst()
+    {
+        var worst = 0;
+        for (var i = 1; i < _hypotheses.Count; i++)
+            if (_hypotheses[i].Score < _hypotheses[worst].Score) worst = i;
+        return worst;
+    }
+
+    private bool IsDone(double bestSumLogProbs, int curLen)
+    {
+        if (_hypotheses.Count < _options.NumBeams) return false;
+        if (_options.EarlyStopping == "true") return true;
+        var length = _options.EarlyStopping == "never" && _options.LengthPenalty > 0 ? _maxLength : curLen;
+        return WorstScore() >= bestSumLogProbs / Math.Pow(length, _options.LengthPenalty);
+    }
+
+    private void Finalize(bool done)
+    {
+        // Open beams compete with the finished hypotheses unless the search already knew it was done.
+        if (!done)
+            for (var b = 0; b < _rows.Length; b++) AddHypothesis(_rows[b], _beamScores[b], endedWithEos: false);
+        // Best first; among equal scores the later-added wins, as Python's stable sort + pop() picks it.
+        var ranked = _hypotheses.Select((h, i) => (h, i)).OrderByDescending(x => x.h.Score).ThenByDescending(x => x.i).Select(x => x.h);
+        foreach (var h in ranked.Take(_options.NumReturnSequences))
+        {
+            var ids = h.EndedWithEos ? [.. h.Ids, _text.EosTokenId] : h.Ids;
+            _results.Add(new GeneratedSequence(ids, h.EndedWithEos ? "eos" : "length", h.Score));
+        }
+        IsFinished = true;
+    }
+
+    /// <summary>Tokens (after the start token) that no longer depend on how the search continues.</summary>
+    private List<int> TakeStableTokens()
+    {
+        IReadOnlyList<int> settled = IsFinished ? _results[0].Ids : CommonPrefix();
+        var fresh = settled.Skip(1 + _emitted).ToList();
+        _emitted += fresh.Count;
+        return fresh;
+    }
+
+    private List<int> CommonPrefix()
+    {
+        var candidates = _rows.Concat(_hypotheses.Select(h => h.Ids)).ToList();
+        var prefix = new List<int>();
+        for (var t = 0; t < candidates.Min(c => c.Count); t++)
+        {
+            var token = candidates[0][t];
+            if (candidates.Any(c => c[t] != token)) break;
+            prefix.Add(token);
+        }
+        return prefix;
+    }
+
+    private static (int Index, float Score)[] TopK(float[] scores, int k)
+    {
+        // Highest first; equal scores keep the lower index first, as torch.topk does on CPU.
+        return scores.Select((s, i) => (Index: i, Score: s))
+            .OrderByDescending(x => x.Score).ThenBy(x => x.Index).Take(k).ToArray();
+    }
+
+    private static FloatTensor Repeat(FloatTensor row, int times) =>
+        times == 1 ? row : FloatTensor.Stack(Enumerable.Repeat(row, times).ToList());
+
+    private static FloatTensor Gather(FloatTensor tensor, int[] rows) =>
+        FloatTensor.Stack(rows.Select(r => tensor.Slice(r, 1)).ToList());
+}
