@@ -207,6 +207,23 @@ public sealed class ImagePreprocessingTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void GifTransparentPixelsKeepTheirPaletteColour()
+    {
+        // The 2x2 GIF above with a graphic control extension making palette index 0 (red) transparent: PIL's
+        // convert("RGB") of the palette image ignores transparency, so the pixel stays red.
+        byte[] gif =
+        [
+            .. "GIF89a"u8, 2, 0, 2, 0, 0x81, 0, 0,
+            0xFF, 0, 0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+            0x21, 0xF9, 4, 1, 0, 0, 0, 0,
+            0x2C, 0, 0, 0, 0, 2, 0, 2, 0, 0,
+            2, 3, 0x44, 0x34, 0x05, 0,
+            0x3B,
+        ];
+        Assert.Equal([0xFF, 0, 0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF], ImageDecoder.Decode(gif).Pixels);
+    }
+
+    [Fact]
     public void DecodesBmp()
     {
         // 3x2 24-bit bottom-up BMP: rows of 9 bytes padded to 12, pixels stored B, G, R.
@@ -248,6 +265,7 @@ public sealed class ImagePreprocessingTests(ITestOutputHelper output)
         new Random(1234).NextBytes(random);
         AssertRefused(random, "not a supported image");
         AssertRefused("not an image at all"u8.ToArray(), "not a supported image");
+        AssertRefused([0, 0, 1, 1, 0, 0, 0, 0], "not a supported image"); // Skia would sniff this as WBMP
     }
 
     [Theory]
@@ -258,6 +276,7 @@ public sealed class ImagePreprocessingTests(ITestOutputHelper output)
     {
         var bytes = File.ReadAllBytes(ImageFile(index));
         AssertRefused(bytes[..(bytes.Length / 2)], "image is truncated");
+        AssertRefused(bytes[..30], "image is truncated"); // cut inside the header
     }
 
     private static byte[] PngChunk(string type, byte[] data)

@@ -17,8 +17,14 @@ public static class ImageDecoder
     public static RgbImage Decode(ReadOnlySpan<byte> encoded, long maxPixels = DefaultMaxPixels)
     {
         if (encoded.IsEmpty) throw new InvalidImageException("image is empty");
-        using var data = SKData.CreateCopy(encoded);
-        using var codec = SKCodec.Create(data);
+        var bytes = encoded.ToArray();
+        ClearGifTransparency(bytes);
+        using var data = SKData.CreateCopy(bytes);
+        using var stream = new SKMemoryStream(data);
+        using var codec = SKCodec.Create(stream, out var opened);
+        // Skia also answers IncompleteInput for any input too short to sniff, so only a known signature means "truncated".
+        if (codec is null && opened == SKCodecResult.IncompleteInput && HasSupportedSignature(encoded))
+            throw new InvalidImageException("image is truncated");
         // Skia also sniffs formats (WBMP, ICO, ...) that are too loosely identified to accept from untrusted bytes.
         if (codec is null || Array.IndexOf(Supported, codec.EncodedFormat) < 0)
             throw new InvalidImageException("bytes are not a supported image (PNG, JPEG, WebP, GIF, BMP)");
@@ -53,4 +59,32 @@ public static class ImageDecoder
         }
         return new RgbImage(width, height, rgb);
     }
+
+    /// <summary>
+    /// Pillow decodes a GIF's first frame as a palette image and convert("RGB") maps transparent pixels to their palette
+    /// colour, whereas Skia writes them as zero. Clearing the transparency flag of the graphic control extensions before
+    /// the first image makes Skia map them through the palette too.
+    /// </summary>
+    private static void ClearGifTransparency(byte[] gif)
+    {
+        if (gif.Length < 13 || !gif.AsSpan().StartsWith("GIF8"u8)) return;
+        var pos = 13;
+        if ((gif[10] & 0x80) != 0) pos += 3 << ((gif[10] & 7) + 1); // global colour table
+        // Extensions are 0x21, a label, then data sub-blocks ended by a zero length; 0x2C starts the first image.
+        while (pos + 1 < gif.Length && gif[pos] == 0x21)
+        {
+            var label = gif[pos + 1];
+            pos += 2;
+            if (label == 0xF9 && pos + 1 < gif.Length && gif[pos] >= 4) gif[pos + 1] &= 0xFE;
+            while (pos < gif.Length && gif[pos] != 0) pos += gif[pos] + 1;
+            pos++;
+        }
+    }
+
+    private static bool HasSupportedSignature(ReadOnlySpan<byte> bytes) =>
+        bytes.StartsWith((ReadOnlySpan<byte>)[0x89, 0x50, 0x4E, 0x47])
+        || bytes.StartsWith((ReadOnlySpan<byte>)[0xFF, 0xD8, 0xFF])
+        || bytes.StartsWith("GIF8"u8)
+        || bytes.StartsWith("BM"u8)
+        || (bytes.StartsWith("RIFF"u8) && (bytes.Length < 12 || bytes[8..12].SequenceEqual("WEBP"u8)));
 }
