@@ -19,8 +19,7 @@ public static class ImageDecoder
         if (encoded.IsEmpty) throw new InvalidImageException("image is empty");
         var bytes = encoded.ToArray();
         ClearGifTransparency(bytes);
-        using var data = SKData.CreateCopy(bytes);
-        using var stream = new SKMemoryStream(data);
+        using var stream = new SKMemoryStream(bytes);
         using var codec = SKCodec.Create(stream, out var opened);
         // Skia also answers IncompleteInput for any input too short to sniff, so only a known signature means "truncated".
         if (codec is null && opened == SKCodecResult.IncompleteInput && HasSupportedSignature(encoded))
