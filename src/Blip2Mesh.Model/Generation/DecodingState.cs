@@ -165,7 +165,8 @@ public sealed class DecodingState
                 filled++;
             }
         }
-        var done = IsDone(top[0].Score, curLen);
+        // transformers 4.33 judges "done" at the length the new scores were computed for: input length + 1.
+        var done = IsDone(top[0].Score, curLen + 1);
 
         _rows = nextRows;
         _beamScores = nextScores;
