@@ -1,0 +1,48 @@
+using Blip2Mesh.Cli;
+using Blip2Mesh.Model.Generation;
+using Blip2Mesh.Model.Imaging;
+
+const string Usage = """
+    usage: blip2mesh <command> [options]
+
+    commands:
+      generate  --model DIR (--image FILE | --pixel-values FILE) [--prompt TEXT] [generation options] [--json]
+                --model DIR --jsonl FILE          one JSON request per line, one JSON result per line
+      dump      --model DIR (--image FILE | --pixel-values FILE) [--prompt TEXT] --out FILE
+      tokenize  --model DIR (--text TEXT | --jsonl FILE | --decode IDS)
+      inspect   --model DIR
+
+    generation options: --max-new-tokens N --min-new-tokens N --num-beams N --length-penalty X
+      --do-sample --temperature X --top-k N --top-p X --seed N --repetition-penalty X --no-repeat-ngram-size N
+    common: --device cpu|cuda
+    """;
+
+if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
+{
+    Console.WriteLine(Usage);
+    return args.Length == 0 ? 2 : 0;
+}
+
+try
+{
+    return args[0] switch
+    {
+        "generate" => GenerateCommand.Run(args[1..]),
+        "dump" => DumpCommand.Run(args[1..]),
+        "tokenize" => TokenizeCommand.Run(args[1..]),
+        "inspect" => InspectCommand.Run(args[1..]),
+        _ => throw new UsageException($"unknown command '{args[0]}'"),
+    };
+}
+catch (UsageException e)
+{
+    Console.Error.WriteLine($"blip2mesh: {e.Message}");
+    Console.Error.WriteLine(Usage);
+    return 2;
+}
+catch (Exception e) when (e is InvalidGenerationOptionException or InvalidImageException or InvalidDataException
+                              or FileNotFoundException or DirectoryNotFoundException or InvalidOperationException)
+{
+    Console.Error.WriteLine($"blip2mesh: {e.Message}");
+    return 1;
+}

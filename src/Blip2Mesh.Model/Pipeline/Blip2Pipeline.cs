@@ -1,0 +1,81 @@
+using Blip2Mesh.Model.Generation;
+using Blip2Mesh.Model.Imaging;
+using Blip2Mesh.Model.Onnx;
+using Blip2Mesh.Model.Runtime;
+using Blip2Mesh.Model.Text;
+
+namespace Blip2Mesh.Model.Pipeline;
+
+/// <summary>A piece of streamed output: new token ids, the text they add, and on the last piece the result.</summary>
+public sealed record TextDelta(IReadOnlyList<int> TokenIds, string Text, GenerationResult? Final = null);
+
+/// <summary>The finished generation: the best sequence first, its decoded text and why it stopped.</summary>
+public sealed record GenerationResult(IReadOnlyList<GeneratedSequence> Sequences, string Text, int PromptTokens)
+{
+    public GeneratedSequence Best => Sequences[0];
+}
+
+/// <summary>
+/// BLIP-2 in one process: image bytes → preprocessing → vision → Q-Former → Flan-T5 generation with streamed text.
+/// The services split exactly these steps across processes.
+/// </summary>
+public sealed class Blip2Pipeline : IDisposable
+{
+    public Blip2Model Model { get; }
+    public ImagePreprocessor Images { get; }
+    public T5Tokenizer Tokenizer { get; }
+    public Generator Generator { get; }
+
+    private Blip2Pipeline(Blip2Model model, ImagePreprocessor images, T5Tokenizer tokenizer)
+    {
+        Model = model;
+        Images = images;
+        Tokenizer = tokenizer;
+        Generator = new Generator(model);
+    }
+
+    public static Blip2Pipeline Load(string directory, ExecutionOptions? execution = null)
+    {
+        var images = LoadImagePreprocessor(directory);
+        var tokenizer = T5Tokenizer.Load(directory);
+        var model = Blip2Model.Load(directory, RgbNormalization(images), execution);
+        if (images.Height != model.Config.Vision.ImageSize || images.Width != model.Config.Vision.ImageSize)
+        {
+            model.Dispose();
+            throw new InvalidDataException(
+                $"{directory}: preprocessor_config.json resizes to {images.Width}x{images.Height} but the vision model takes {model.Config.Vision.ImageSize}x{model.Config.Vision.ImageSize}");
+        }
+        return new Blip2Pipeline(model, images, tokenizer);
+    }
+
+    public static ImagePreprocessor LoadImagePreprocessor(string directory) =>
+        new(PreprocessorConfig.Load(Path.Combine(directory, "preprocessor_config.json")));
+
+    /// <summary>The image processor's rescale/normalise steps, to be folded into the uint8 vision graph.</summary>
+    public static PixelInput.Rgb8 RgbNormalization(ImagePreprocessor images) =>
+        new(images.DoRescale ? images.RescaleFactor : null, images.DoNormalize ? images.Mean : null, images.DoNormalize ? images.Std : null);
+
+    /// <summary>Encoded image → projected query embeddings [1, Q, d_model].</summary>
+    public FloatTensor EmbedImage(ReadOnlySpan<byte> encoded)
+    {
+        var image = Images.ToModelSize(encoded);
+        return Model.RunQFormer(Model.EmbedRgb(image.Pixels, 1)).QueryEmbeds;
+    }
+
+    /// <summary>Streams the answer for one image's query embeddings and a prompt.</summary>
+    public IEnumerable<TextDelta> Generate(FloatTensor queryEmbeds, string prompt, GenerationOptions options, CancellationToken cancellation = default)
+    {
+        var promptIds = Tokenizer.Encode(prompt);
+        var state = Generator.Start(queryEmbeds, promptIds, options);
+        var text = Tokenizer.CreateStreamingDecoder();
+        foreach (var tokens in Generator.Run(state, cancellation))
+        {
+            var delta = string.Concat(tokens.Select(text.Push));
+            yield return new TextDelta(tokens, delta);
+        }
+        var rest = text.Finish();
+        yield return new TextDelta([], rest, new GenerationResult(state.Results, Tokenizer.Decode(state.Results[0].Ids), promptIds.Count));
+    }
+
+    public void Dispose() => Model.Dispose();
+}
