@@ -27,6 +27,10 @@ internal sealed class PieceDecoder(T5Tokenizer tokenizer)
         }
         DecodeBytes(final: true);
         string piece = tokenizer.PieceText(id);
+        if (piece.Length == 0)
+        {
+            return; // a control piece: no text, and the dummy prefix is still to come
+        }
         Text.Append(_atStart && piece.StartsWith(' ') ? piece.AsSpan(1) : piece);
         _atStart = false;
     }

@@ -27,7 +27,8 @@ public sealed partial class T5Tokenizer
     private T5Tokenizer(ModelProto model, int extraIds)
     {
         _pieces = model.Pieces.Select(p => p.Piece).ToArray();
-        _pieceTexts = _pieces.Select(p => p.Replace('\u2581', ' ')).ToArray();
+        // SentencePiece decodes control pieces (other than the special ids handled outside it) to nothing.
+        _pieceTexts = model.Pieces.Select(p => p.Type == PieceType.Control ? "" : p.Piece.Replace('\u2581', ' ')).ToArray();
         _byteValues = model.Pieces.Select(p => p.Type == PieceType.Byte ? Convert.ToInt32(p.Piece[3..^1], 16) : -1).ToArray();
         Count = _pieces.Length + extraIds;
         PadId = model.TrainerSpec.PadId;
