@@ -11,15 +11,11 @@ public sealed class CliTests : IDisposable
 
     public void Dispose() => Directory.Delete(_temp, recursive: true);
 
-    private static JsonElement Reference(JsonDocument doc, int image, int prompt) =>
-        doc.RootElement.GetProperty("images")[image].GetProperty("prompts")[prompt];
-
-    private static int[] Ints(JsonElement array) => array.EnumerateArray().Select(e => e.GetInt32()).ToArray();
+    private const string Checkpoint = "blip2-tiny-a";
 
     private static string ImagePath(int image)
     {
-        using var doc = Fixtures.References(Fixtures.TinyA);
-        return Path.Combine(Fixtures.TinyA, doc.RootElement.GetProperty("images")[image].GetProperty("file").GetString()!);
+        return Path.Combine(Fixtures.TinyA, Fixtures.Image(Checkpoint, image).GetProperty("file").GetString()!);
     }
 
     private static CliProcess.Result Ok(params string[] args)
@@ -35,13 +31,12 @@ public sealed class CliTests : IDisposable
     [InlineData(2, 2, 4)]
     public void GenerateJsonEqualsReference(int image, int prompt, int beams)
     {
-        using var doc = Fixtures.References(Fixtures.TinyA);
-        var reference = Reference(doc, image, prompt);
+        var reference = Fixtures.Prompt(Checkpoint, image, prompt);
         var expected = reference.GetProperty(beams == 1 ? "greedy" : "beam");
         var result = Ok("generate", "--model", Fixtures.TinyA, "--image", ImagePath(image),
             "--prompt", reference.GetProperty("prompt").GetString()!, "--num-beams", beams.ToString(), "--json");
         using var json = JsonDocument.Parse(result.Stdout);
-        Assert.Equal(Ints(expected.GetProperty("ids")), Ints(json.RootElement.GetProperty("ids")));
+        Assert.Equal(Fixtures.Ints(expected.GetProperty("ids")), Fixtures.Ints(json.RootElement.GetProperty("ids")));
         Assert.Equal(expected.GetProperty("text").GetString(), json.RootElement.GetProperty("text").GetString());
         Assert.Equal(expected.GetProperty("ended_with_eos").GetBoolean() ? "eos" : "length", json.RootElement.GetProperty("finish_reason").GetString());
     }
@@ -49,15 +44,13 @@ public sealed class CliTests : IDisposable
     [Fact]
     public void GenerateStreamsPlainText()
     {
-        using var doc = Fixtures.References(Fixtures.TinyA);
         var result = Ok("generate", "--model", Fixtures.TinyA, "--image", ImagePath(0));
-        Assert.Equal(Reference(doc, 0, 0).GetProperty("greedy").GetProperty("text").GetString() + "\n", result.Stdout);
+        Assert.Equal(Fixtures.Prompt(Checkpoint, 0, 0).GetProperty("greedy").GetProperty("text").GetString() + "\n", result.Stdout);
     }
 
     [Fact]
     public void JsonlRunsEveryLineAndReportsBadOnes()
     {
-        using var doc = Fixtures.References(Fixtures.TinyA);
         var requests = Path.Combine(_temp, "requests.jsonl");
         File.WriteAllLines(requests,
         [
@@ -70,11 +63,11 @@ public sealed class CliTests : IDisposable
         Assert.Equal(1, result.ExitCode);
         var lines = result.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
         Assert.Equal(4, lines.Length);
-        Assert.Equal(Ints(Reference(doc, 5, 1).GetProperty("beam").GetProperty("ids")), Ints(lines[0].GetProperty("ids")));
+        Assert.Equal(Fixtures.Ints(Fixtures.Prompt(Checkpoint, 5, 1).GetProperty("beam").GetProperty("ids")), Fixtures.Ints(lines[0].GetProperty("ids")));
         Assert.Contains("num_beams", lines[1].GetProperty("error").GetString());
         Assert.Contains("missing.png", lines[2].GetProperty("error").GetString());
-        var greedy = Reference(doc, 3, 0).GetProperty("greedy").GetProperty("ids").EnumerateArray().Take(6).Select(e => e.GetInt32());
-        Assert.Equal(greedy, Ints(lines[3].GetProperty("ids")));
+        var greedy = Fixtures.Prompt(Checkpoint, 3, 0).GetProperty("greedy").GetProperty("ids").EnumerateArray().Take(6).Select(e => e.GetInt32());
+        Assert.Equal(greedy, Fixtures.Ints(lines[3].GetProperty("ids")));
         Assert.Equal("length", lines[3].GetProperty("finish_reason").GetString());
     }
 

@@ -1,47 +1,46 @@
-using System.Text.Json;
-using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
-using Blip2Mesh.Model.Runtime;
 
 namespace Blip2Mesh.Tests;
 
-/// <summary>Greedy and beam-search ids equal HF generate's on every blip2-tiny-a image and prompt.</summary>
-public sealed class GenerationParityTests(StageParityTests.TinyModel tiny) : IClassFixture<StageParityTests.TinyModel>
+/// <summary>Greedy and beam-search ids, texts and scores equal HF generate's for every reference case.</summary>
+public sealed class GenerationParityTests
 {
-    public static TheoryData<int, int> Cases()
+    public static TheoryData<string, int, int> Cases() => Fixtures.PromptCases();
+
+    private static (DecodingState State, List<int> Streamed, string Text, string StreamedText) Generate(string checkpoint, int image, int[] promptIds, GenerationOptions options)
     {
-        var data = new TheoryData<int, int>();
-        for (var i = 0; i < 8; i++)
-            for (var j = 0; j < 3; j++) data.Add(i, j);
-        return data;
+        var pipeline = Fixtures.Pipeline(checkpoint);
+        var queries = Fixtures.ReadTensor(Fixtures.Tensors(checkpoint), $"img{image}/language_projection");
+        var state = pipeline.Generator.Start(queries, promptIds, options);
+        var decoder = pipeline.Tokenizer.CreateStreamingDecoder();
+        var streamed = new List<int>();
+        var text = "";
+        foreach (var tokens in pipeline.Generator.Run(state))
+        {
+            streamed.AddRange(tokens);
+            text += string.Concat(tokens.Select(decoder.Push));
+        }
+        return (state, streamed, pipeline.Tokenizer.Decode(state.Results[0].Ids), text + decoder.Finish());
     }
 
-    private static JsonElement Prompt(JsonDocument references, int image, int prompt) =>
-        references.RootElement.GetProperty("images")[image].GetProperty("prompts")[prompt];
-
-    private static int[] Ints(JsonElement array) => array.EnumerateArray().Select(e => e.GetInt32()).ToArray();
-
-    private (IReadOnlyList<GeneratedSequence> Results, List<int> Streamed, DecodingState State) Generate(int image, int[] promptIds, GenerationOptions options)
-    {
-        var generator = new Generator(tiny.Model);
-        var queries = Fixtures.ReadTensor(tiny.References, $"img{image}/language_projection");
-        var state = generator.Start(queries, promptIds, options);
-        var streamed = generator.Run(state).SelectMany(t => t).ToList();
-        return (state.Results, streamed, state);
-    }
+    private static int MaxNewTokens(string checkpoint) =>
+        Fixtures.References(checkpoint).GetProperty("generation").GetProperty("max_new_tokens").GetInt32();
 
     [Theory]
     [MemberData(nameof(Cases))]
-    public void GreedyMatchesReference(int image, int prompt)
+    public void GreedyMatchesReference(string checkpoint, int image, int prompt)
     {
-        using var references = Fixtures.References(Fixtures.TinyA);
-        var reference = Prompt(references, image, prompt);
-        var (results, streamed, state) = Generate(image, Ints(reference.GetProperty("input_ids")), new GenerationOptions());
-        var expected = Ints(reference.GetProperty("greedy").GetProperty("ids"));
-        Assert.Equal(expected, results[0].Ids);
+        var reference = Fixtures.Prompt(checkpoint, image, prompt);
+        var greedy = reference.GetProperty("greedy");
+        var (state, streamed, text, streamedText) = Generate(checkpoint, image, Fixtures.Ints(reference.GetProperty("input_ids")),
+            new GenerationOptions { MaxNewTokens = MaxNewTokens(checkpoint) });
+        var expected = Fixtures.Ints(greedy.GetProperty("ids"));
+        Assert.Equal(expected, state.Results[0].Ids);
         Assert.Equal(expected[1..], streamed);
-        Assert.Equal(expected[^1] == 1 ? "eos" : "length", results[0].FinishReason);
-        var logits = reference.GetProperty("greedy").GetProperty("chosen_token_logits").EnumerateArray().Select(e => e.GetSingle()).ToArray();
+        Assert.Equal(greedy.GetProperty("ended_with_eos").GetBoolean() ? "eos" : "length", state.Results[0].FinishReason);
+        Assert.Equal(greedy.GetProperty("text").GetString(), text);
+        Assert.Equal(text, streamedText);
+        var logits = greedy.GetProperty("chosen_token_logits").EnumerateArray().Select(e => e.GetSingle()).ToArray();
         Assert.Equal(logits.Length, state.ChosenTokenLogits.Count);
         for (var t = 0; t < logits.Length; t++)
             Assert.True(Math.Abs(logits[t] - state.ChosenTokenLogits[t]) <= 1e-4, $"step {t}: logit {state.ChosenTokenLogits[t]} vs {logits[t]}");
@@ -49,15 +48,23 @@ public sealed class GenerationParityTests(StageParityTests.TinyModel tiny) : ICl
 
     [Theory]
     [MemberData(nameof(Cases))]
-    public void BeamSearchMatchesReference(int image, int prompt)
+    public void BeamSearchMatchesReference(string checkpoint, int image, int prompt)
     {
-        using var references = Fixtures.References(Fixtures.TinyA);
-        var reference = Prompt(references, image, prompt);
-        var (results, streamed, _) = Generate(image, Ints(reference.GetProperty("input_ids")), new GenerationOptions { NumBeams = 4 });
+        var reference = Fixtures.Prompt(checkpoint, image, prompt);
         var beam = reference.GetProperty("beam");
-        var expected = Ints(beam.GetProperty("ids"));
-        Assert.Equal(expected, results[0].Ids);
+        var settings = Fixtures.References(checkpoint).GetProperty("generation").GetProperty("beam");
+        var (state, streamed, text, streamedText) = Generate(checkpoint, image, Fixtures.Ints(reference.GetProperty("input_ids")), new GenerationOptions
+        {
+            MaxNewTokens = MaxNewTokens(checkpoint),
+            NumBeams = beam.GetProperty("num_beams").GetInt32(),
+            LengthPenalty = settings.GetProperty("length_penalty").GetSingle(),
+            EarlyStopping = settings.GetProperty("early_stopping").ToString().ToLowerInvariant(),
+        });
+        var expected = Fixtures.Ints(beam.GetProperty("ids"));
+        Assert.Equal(expected, state.Results[0].Ids);
         Assert.Equal(expected[1..], streamed);
-        Assert.Equal(beam.GetProperty("sequence_score").GetDouble(), results[0].Score!.Value, 1e-4);
+        Assert.Equal(beam.GetProperty("text").GetString(), text);
+        Assert.Equal(text, streamedText);
+        Assert.Equal(beam.GetProperty("sequence_score").GetDouble(), state.Results[0].Score!.Value, 1e-4);
     }
 }

@@ -1,77 +1,83 @@
-using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Runtime;
 using Xunit.Abstractions;
 
 namespace Blip2Mesh.Tests;
 
 /// <summary>
-/// Every stage, fed the reference input of that stage, reproduces the Hugging Face reference output of
-/// blip2-tiny-a within 1e-4 (float32, CPU).
+/// Every stage, fed the reference input of that stage, reproduces the Hugging Face reference output of every
+/// reference checkpoint: pixel values within 1e-5, stage outputs and first-step logits within 1e-4 (float32, CPU).
 /// </summary>
-public sealed class StageParityTests(ITestOutputHelper output, StageParityTests.TinyModel tiny) : IClassFixture<StageParityTests.TinyModel>
+public sealed class StageParityTests(ITestOutputHelper output)
 {
+    private const float PixelTolerance = 1e-5f;
     private const float Tolerance = 1e-4f;
 
-    public sealed class TinyModel : IDisposable
+    public static TheoryData<string, int> Images() => Fixtures.ImageCases();
+
+    private void AssertClose(string checkpoint, FloatTensor actual, string referenceName, float tolerance = Tolerance)
     {
-        public Blip2Model Model { get; } = Blip2Model.Load(Fixtures.TinyA, Fixtures.ClipNormalization);
-        public SafetensorsFile References { get; } = SafetensorsFile.Open(Path.Combine(Fixtures.TinyA, "references.safetensors"));
-
-        public void Dispose()
-        {
-            Model.Dispose();
-            References.Dispose();
-        }
-    }
-
-    private readonly TinyModel _tiny = tiny;
-
-    public static TheoryData<int> Images() => new(Enumerable.Range(0, 8));
-
-    private void AssertClose(FloatTensor actual, string referenceName)
-    {
-        var expected = Fixtures.ReadTensor(_tiny.References, referenceName);
+        var expected = Fixtures.ReadTensor(Fixtures.Tensors(checkpoint), referenceName);
         var diff = Fixtures.MaxAbsDiff(actual, expected);
-        output.WriteLine($"{referenceName}: max |diff| = {diff:E2}");
-        Assert.True(diff <= Tolerance, $"{referenceName}: max |diff| {diff} exceeds {Tolerance}");
+        output.WriteLine($"{checkpoint} {referenceName}: max |diff| = {diff:E2}");
+        Assert.True(diff <= tolerance, $"{checkpoint} {referenceName}: max |diff| {diff} exceeds {tolerance}");
+    }
+
+    private static FloatTensor Reference(string checkpoint, string name) => Fixtures.ReadTensor(Fixtures.Tensors(checkpoint), name);
+
+    [Theory]
+    [MemberData(nameof(Images))]
+    public void PreprocessingAndUint8VisionGraphMatchReference(string checkpoint, int image)
+    {
+        var pipeline = Fixtures.Pipeline(checkpoint);
+        var bytes = File.ReadAllBytes(Path.Combine(Fixtures.CheckpointDir(checkpoint), Fixtures.Image(checkpoint, image).GetProperty("file").GetString()!));
+        var resized = pipeline.Images.ToModelSize(bytes);
+        AssertClose(checkpoint, new FloatTensor(pipeline.Images.ToPixelValues(resized), [1, 3, resized.Height, resized.Width]), $"img{image}/pixel_values", PixelTolerance);
+        AssertClose(checkpoint, pipeline.Model.EmbedRgb(resized.Pixels, 1), $"img{image}/vision_last_hidden_state");
     }
 
     [Theory]
     [MemberData(nameof(Images))]
-    public void VisionMatchesReference(int image)
+    public void VisionMatchesReference(string checkpoint, int image)
     {
-        var pixels = Fixtures.ReadTensor(_tiny.References, $"img{image}/pixel_values");
-        AssertClose(_tiny.Model.EmbedPixelValues(pixels), $"img{image}/vision_last_hidden_state");
+        var pixels = Reference(checkpoint, $"img{image}/pixel_values");
+        AssertClose(checkpoint, Fixtures.Pipeline(checkpoint).Model.EmbedPixelValues(pixels), $"img{image}/vision_last_hidden_state");
     }
 
     [Theory]
     [MemberData(nameof(Images))]
-    public void QFormerMatchesReference(int image)
+    public void QFormerMatchesReference(string checkpoint, int image)
     {
-        var embeds = Fixtures.ReadTensor(_tiny.References, $"img{image}/vision_last_hidden_state");
-        var result = _tiny.Model.RunQFormer(embeds);
-        AssertClose(result.QueryOutput, $"img{image}/qformer_last_hidden_state");
-        AssertClose(result.QueryEmbeds, $"img{image}/language_projection");
+        var result = Fixtures.Pipeline(checkpoint).Model.RunQFormer(Reference(checkpoint, $"img{image}/vision_last_hidden_state"));
+        AssertClose(checkpoint, result.QueryOutput, $"img{image}/qformer_last_hidden_state");
+        AssertClose(checkpoint, result.QueryEmbeds, $"img{image}/language_projection");
     }
 
     [Theory]
     [MemberData(nameof(Images))]
-    public void EncoderAndFirstDecoderStepMatchReference(int image)
+    public void EncoderAndFirstDecoderStepMatchReference(string checkpoint, int image)
     {
-        using var references = Fixtures.References(Fixtures.TinyA);
-        var queries = Fixtures.ReadTensor(_tiny.References, $"img{image}/language_projection");
-        foreach (var prompt in references.RootElement.GetProperty("images")[image].GetProperty("prompts").EnumerateArray())
+        var model = Fixtures.Pipeline(checkpoint).Model;
+        var queries = Reference(checkpoint, $"img{image}/language_projection");
+        foreach (var prompt in Fixtures.Image(checkpoint, image).GetProperty("prompts").EnumerateArray())
         {
             var j = prompt.GetProperty("prompt_index").GetInt32();
-            var ids = prompt.GetProperty("input_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
-            var encoded = _tiny.Model.Encode(queries, [ids]);
-            AssertClose(encoded.InputsEmbeds, $"img{image}/prompt{j}/inputs_embeds");
-            AssertClose(encoded.LastHiddenState, $"img{image}/prompt{j}/encoder_last_hidden_state");
+            var encoded = model.Encode(queries, [Fixtures.Ints(prompt.GetProperty("input_ids"))]);
+            AssertClose(checkpoint, encoded.InputsEmbeds, $"img{image}/prompt{j}/inputs_embeds");
+            AssertClose(checkpoint, encoded.LastHiddenState, $"img{image}/prompt{j}/encoder_last_hidden_state");
 
-            var config = _tiny.Model.Config.Text;
-            var empty = Enumerable.Range(0, config.NumDecoderLayers).Select(_ => FloatTensor.Zeros(1, config.NumHeads, 0, config.DKv)).ToArray();
-            var step = _tiny.Model.DecodeStep([config.DecoderStartTokenId], [0], empty, empty, encoded.CrossKeys, encoded.CrossValues, encoded.AttentionMask);
-            AssertClose(new FloatTensor(step.Logits.Data, [1, 1, config.VocabSize]), $"img{image}/prompt{j}/first_step_logits");
+            var text = model.Config.Text;
+            var empty = Enumerable.Range(0, text.NumDecoderLayers).Select(_ => FloatTensor.Zeros(1, text.NumHeads, 0, text.DKv)).ToArray();
+            var step = model.DecodeStep([text.DecoderStartTokenId], [0], empty, empty, encoded.CrossKeys, encoded.CrossValues, encoded.AttentionMask);
+            AssertClose(checkpoint, step.Logits with { Shape = [1, 1, text.VocabSize] }, $"img{image}/prompt{j}/first_step_logits");
         }
+    }
+
+    [Theory]
+    [MemberData(nameof(Images))]
+    public void PromptIdsMatchReference(string checkpoint, int image)
+    {
+        var tokenizer = Fixtures.Pipeline(checkpoint).Tokenizer;
+        foreach (var prompt in Fixtures.Image(checkpoint, image).GetProperty("prompts").EnumerateArray())
+            Assert.Equal(Fixtures.Ints(prompt.GetProperty("input_ids")), tokenizer.Encode(prompt.GetProperty("prompt").GetString()!));
     }
 }
