@@ -9,6 +9,9 @@ namespace Blip2Mesh.Model.Pipeline;
 /// <summary>A piece of streamed output: new token ids, the text they add, and on the last piece the result.</summary>
 public sealed record TextDelta(IReadOnlyList<int> TokenIds, string Text, GenerationResult? Final = null);
 
+/// <summary>One item of a generation batch: an image's query embeddings [1, Q, d], a prompt and its options.</summary>
+public sealed record GenerationItem(FloatTensor QueryEmbeds, string Prompt, GenerationOptions Options);
+
 /// <summary>The finished generation: the best sequence first, its decoded text and why it stopped.</summary>
 public sealed record GenerationResult(IReadOnlyList<GeneratedSequence> Sequences, string Text, int PromptTokens)
 {
@@ -63,18 +66,27 @@ public sealed class Blip2Pipeline : IDisposable
     }
 
     /// <summary>Streams the answer for one image's query embeddings and a prompt.</summary>
-    public IEnumerable<TextDelta> Generate(FloatTensor queryEmbeds, string prompt, GenerationOptions options, CancellationToken cancellation = default)
+    public IEnumerable<TextDelta> Generate(FloatTensor queryEmbeds, string prompt, GenerationOptions options, CancellationToken cancellation = default) =>
+        GenerateBatch([new GenerationItem(queryEmbeds, prompt, options)], cancellation).Select(x => x.Delta);
+
+    /// <summary>
+    /// Streams the answers of several (image, prompt, options) items decoded together, step by step; each item's
+    /// deltas arrive in order and its last delta carries its result.
+    /// </summary>
+    public IEnumerable<(int Item, TextDelta Delta)> GenerateBatch(IReadOnlyList<GenerationItem> items, CancellationToken cancellation = default)
     {
-        var promptIds = Tokenizer.Encode(prompt);
-        var state = Generator.Start(queryEmbeds, promptIds, options);
-        var text = Tokenizer.CreateStreamingDecoder();
-        foreach (var tokens in Generator.Run(state, cancellation))
+        var promptIds = items.Select(i => Tokenizer.Encode(i.Prompt)).ToList();
+        var states = items.Select((item, k) => Generator.Start(item.QueryEmbeds, promptIds[k], item.Options)).ToList();
+        var decoders = items.Select(_ => Tokenizer.CreateStreamingDecoder()).ToList();
+        foreach (var (k, tokens) in Generator.RunBatch(states, cancellation))
         {
-            var delta = string.Concat(tokens.Select(text.Push));
-            yield return new TextDelta(tokens, delta);
+            yield return (k, new TextDelta(tokens, string.Concat(tokens.Select(decoders[k].Push))));
+            if (states[k].IsFinished)
+            {
+                var result = new GenerationResult(states[k].Results, Tokenizer.Decode(states[k].Results[0].Ids), promptIds[k].Count);
+                yield return (k, new TextDelta([], decoders[k].Finish(), result));
+            }
         }
-        var rest = text.Finish();
-        yield return new TextDelta([], rest, new GenerationResult(state.Results, Tokenizer.Decode(state.Results[0].Ids), promptIds.Count));
     }
 
     public void Dispose() => Model.Dispose();
