@@ -2,7 +2,7 @@
 MODEL ?= models/blip2-demo
 CONFIG ?= Release
 
-.PHONY: build test run clean
+.PHONY: build test run up clean
 
 build:
 	dotnet build Blip2Mesh.sln -c $(CONFIG) --nologo -clp:ErrorsOnly
@@ -10,9 +10,13 @@ build:
 test:
 	dotnet test Blip2Mesh.sln -c $(CONFIG) --nologo --logger "console;verbosity=normal"
 
+# Starts the mesh on the bundled demo model, asks it about the sample images, shuts it down.
 run:
-	./blip2mesh generate --model $(MODEL) --image $(MODEL)/samples/sample000.png
-	./blip2mesh generate --model $(MODEL) --image $(MODEL)/samples/sample000.png --prompt "Question: what color is the background? Answer:"
+	MODEL=$(MODEL) scripts/demo.sh
+
+# Keeps the mesh running for your own clients (Ctrl-C stops it).
+up:
+	./blip2mesh up --model $(MODEL) --port 50051
 
 clean:
 	rm -rf out; find . -name bin -o -name obj -type d -prune -exec rm -rf {} +

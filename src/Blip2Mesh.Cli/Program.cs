@@ -11,6 +11,10 @@ const string Usage = """
       dump      --model DIR (--image FILE | --pixel-values FILE) [--prompt TEXT] --out FILE
       tokenize  --model DIR (--text TEXT | --jsonl FILE | --decode IDS)
       inspect   --model DIR
+      serve     vision|qformer|decoder --model DIR --port N [--http-port N] [--bind ADDR]
+      serve     gateway --model DIR --port N [--http-port N] --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...]
+      up        --model DIR [--port P] [--http-port N] [--decoder-replicas N]   the whole mesh on 127.0.0.1
+      caption   IMAGE [--prompt TEXT] [--addr HOST:PORT] [generation options]  ask a running gateway
 
     generation options: --max-new-tokens N --min-new-tokens N --num-beams N --length-penalty X
       --do-sample --temperature X --top-k N --top-p X --seed N --repetition-penalty X --no-repeat-ngram-size N
@@ -31,6 +35,9 @@ try
         "dump" => DumpCommand.Run(args[1..]),
         "tokenize" => TokenizeCommand.Run(args[1..]),
         "inspect" => InspectCommand.Run(args[1..]),
+        "serve" => ServeCommand.Run(args[1..]),
+        "up" => UpCommand.Run(args[1..]),
+        "caption" => CaptionCommand.Run(args[1..]),
         _ => throw new UsageException($"unknown command '{args[0]}'"),
     };
 }

@@ -1,0 +1,101 @@
+using System.Diagnostics;
+using Blip2Mesh.Contracts.Decoder.V1;
+using Blip2Mesh.Model.Generation;
+using Blip2Mesh.Model.Onnx;
+using Blip2Mesh.Model.Runtime;
+using Blip2Mesh.Model.Text;
+using Blip2Mesh.ServiceDefaults;
+using Grpc.Core;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.Extensions.DependencyInjection;
+
+namespace Blip2Mesh.Decoder;
+
+/// <summary>What the decoder stage runs: Flan-T5 (encoder + KV-cached decoder), its tokenizer and the batcher.</summary>
+public sealed class DecoderRuntime : IDisposable
+{
+    public DecoderRuntime(string modelDir, ExecutionOptions execution, int maxRows)
+    {
+        Tokenizer = T5Tokenizer.Load(modelDir);
+        Model = Blip2Model.Load(modelDir, new PixelInput.Rgb8(null, null, null), execution);
+        Model.Warm(decoder: true);
+        Generator = new Generator(Model);
+        Batcher = new ContinuousBatcher(Generator, maxRows);
+    }
+
+    public Blip2Model Model { get; }
+    public T5Tokenizer Tokenizer { get; }
+    public Generator Generator { get; }
+    public ContinuousBatcher Batcher { get; }
+
+    public void Dispose()
+    {
+        Batcher.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        Model.Dispose();
+    }
+}
+
+/// <summary>
+/// The decoder stage: query embeddings + prompt in, tokens and text deltas streamed out. Every active request
+/// shares the decoder steps of one continuous batch.
+/// </summary>
+public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, GenerationLimits limits) : Contracts.Decoder.V1.Decoder.DecoderBase
+{
+    public override async Task Generate(DecodeRequest request, IServerStreamWriter<DecodeEvent> responses, ServerCallContext context)
+    {
+        var r = runtime.Value;
+        var config = r.Model.Config;
+        ModelFingerprint.Check(request.ModelFingerprint, r.Model.Checkpoint.Fingerprint, "decoder");
+        var queries = TensorCodec.ToFloat(request.QueryEmbeds, "query_embeds", [1, config.NumQueryTokens, config.Text.DModel],
+            $"the Q-Former output of model {r.Model.Checkpoint.Fingerprint}");
+        var options = GenerationRequests.ToOptions(request.Options, limits);
+        var promptIds = r.Tokenizer.Encode(request.Prompt);
+        if (promptIds.Count > limits.MaxPromptTokens)
+            throw new RpcException(new Status(StatusCode.InvalidArgument, $"prompt: {promptIds.Count} tokens exceed the limit of {limits.MaxPromptTokens}"));
+
+        var started = Stopwatch.StartNew();
+        var cancellation = context.CancellationToken;
+        var state = await Task.Run(() => r.Generator.Start(queries, promptIds, options), cancellation);
+        IAsyncEnumerable<IReadOnlyList<int>> tokens;
+        try
+        {
+            tokens = r.Batcher.Submit(state, cancellation);
+        }
+        catch (QueueFullException e)
+        {
+            throw new RpcException(new Status(StatusCode.ResourceExhausted, e.Message));
+        }
+
+        var text = r.Tokenizer.CreateStreamingDecoder();
+        var generated = 0;
+        await foreach (var step in tokens)
+        {
+            generated += step.Count;
+            var delta = new DecodeEvent { Text = string.Concat(step.Select(text.Push)) };
+            delta.TokenIds.AddRange(step);
+            await responses.WriteAsync(delta, cancellation);
+        }
+        var best = state.Results[0];
+        await responses.WriteAsync(new DecodeEvent
+        {
+            Text = text.Finish(),
+            FinishReason = best.FinishReason,
+            PromptTokens = promptIds.Count,
+            GeneratedTokens = generated,
+            DecoderMs = started.Elapsed.TotalMilliseconds,
+        }, cancellation);
+    }
+
+    public static WebApplication Build(ServiceOptions options, int maxBatchRows = 64)
+    {
+        var builder = MeshHost.CreateBuilder("blip2mesh.decoder.v1.Decoder", options);
+        builder.Services.AddSingleton(new GenerationLimits());
+        builder.Services.AddSingleton<Func<DecoderRuntime>>(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows));
+        builder.Services.AddSingleton<LoadedModel<DecoderRuntime>>();
+        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<DecoderRuntime>>());
+        var app = builder.Build();
+        app.MapGrpcService<DecoderService>();
+        app.MapMeshEndpoints();
+        return app;
+    }
+}

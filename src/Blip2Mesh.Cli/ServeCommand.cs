@@ -1,0 +1,68 @@
+using Blip2Mesh.Decoder;
+using Blip2Mesh.Gateway;
+using Blip2Mesh.Model.Runtime;
+using Blip2Mesh.QFormer;
+using Blip2Mesh.ServiceDefaults;
+using Blip2Mesh.Vision;
+
+namespace Blip2Mesh.Cli;
+
+/// <summary><c>blip2mesh serve vision|qformer|decoder|gateway</c>: one service in this process.</summary>
+internal static class ServeCommand
+{
+    public static int Run(string[] argv)
+    {
+        var args = new Args(argv, ModelInputs.Flags);
+        if (args.Positionals.Count != 1) throw new UsageException("serve needs one of: vision, qformer, decoder, gateway");
+        var stage = args.Positionals[0];
+        var options = new ServiceOptions
+        {
+            Model = args.Required("model"),
+            Port = args.Int("port") ?? throw new UsageException("--port is required"),
+            HttpPort = args.Int("http-port"),
+            Bind = args.Optional("bind") ?? "127.0.0.1",
+            Device = ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"),
+        };
+        if (!Directory.Exists(options.Model)) throw new DirectoryNotFoundException($"model directory '{options.Model}' does not exist");
+
+        var app = stage switch
+        {
+            "vision" => Done(args, VisionService.Build(options)),
+            "qformer" => Done(args, QFormerService.Build(options)),
+            "decoder" => DecoderApp(args, options),
+            "gateway" => GatewayApp(args, options),
+            _ => throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)"),
+        };
+        app.Run();
+        return 0;
+    }
+
+    private static Microsoft.AspNetCore.Builder.WebApplication Done(Args args, Microsoft.AspNetCore.Builder.WebApplication app)
+    {
+        args.EnsureAllUsed();
+        return app;
+    }
+
+    private static Microsoft.AspNetCore.Builder.WebApplication DecoderApp(Args args, ServiceOptions options)
+    {
+        var rows = args.Int("max-batch-rows") ?? 64;
+        args.EnsureAllUsed();
+        return DecoderService.Build(options, rows);
+    }
+
+    private static Microsoft.AspNetCore.Builder.WebApplication GatewayApp(Args args, ServiceOptions options)
+    {
+        static IReadOnlyList<string> List(string value) => value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        var defaults = new GatewayOptions { Vision = [], QFormer = [], Decoder = [] };
+        var gateway = new GatewayOptions
+        {
+            Vision = List(args.Required("vision")),
+            QFormer = List(args.Required("qformer")),
+            Decoder = List(args.Required("decoder")),
+            CacheBytes = (long)(args.Float("cache-mb") ?? defaults.CacheBytes / 1048576f) * 1048576,
+            MaxImageBytes = (int)((args.Float("max-image-mb") ?? defaults.MaxImageBytes / 1048576f) * 1048576),
+        };
+        args.EnsureAllUsed();
+        return GatewayService.Build(options, gateway);
+    }
+}

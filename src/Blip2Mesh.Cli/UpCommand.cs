@@ -1,0 +1,132 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Grpc.Health.V1;
+using Grpc.Net.Client;
+
+namespace Blip2Mesh.Cli;
+
+/// <summary>
+/// <c>blip2mesh up</c>: the whole mesh on this machine, each service its own process on 127.0.0.1. Prints
+/// "ready ADDRESS" once every service reports SERVING and stops them all on SIGINT/SIGTERM.
+/// </summary>
+internal static partial class UpCommand
+{
+    private sealed record Service(string Name, int Port, int? HttpPort, Process Process);
+
+    public static int Run(string[] argv)
+    {
+        var args = new Args(argv, ModelInputs.Flags);
+        var model = Path.GetFullPath(args.Required("model"));
+        var port = args.Int("port") ?? 50051;
+        var httpPort = args.Int("http-port") ?? port + 1;
+        var decoders = args.Int("decoder-replicas") ?? 1;
+        var device = args.Optional("device") ?? "cpu";
+        args.EnsureAllUsed();
+        if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
+
+        var services = new List<Service>();
+        using var stopping = new CancellationTokenSource();
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stopping.Cancel(); });
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
+        try
+        {
+            var vision = Start(services, "vision", model, device, FreePort());
+            var qformer = Start(services, "qformer", model, device, FreePort());
+            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, FreePort()).Port).ToList();
+            Start(services, "gateway", model, device, port, httpPort,
+                "--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
+                "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}")));
+
+            WaitUntilServing(services, stopping.Token);
+            foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
+            Console.Out.WriteLine($"http http://127.0.0.1:{httpPort}");
+            Console.Out.WriteLine($"ready 127.0.0.1:{port}");
+            Console.Out.Flush();
+            while (!stopping.IsCancellationRequested)
+            {
+                if (services.FirstOrDefault(s => s.Process.HasExited) is { } dead)
+                    throw new InvalidOperationException($"the {dead.Name} service exited with code {dead.Process.ExitCode}");
+                stopping.Token.WaitHandle.WaitOne(500);
+            }
+            return 0;
+        }
+        catch (OperationCanceledException)
+        {
+            return 0;
+        }
+        finally
+        {
+            StopAll(services);
+        }
+    }
+
+    private static Service Start(List<Service> services, string name, string model, string device, int port, int? httpPort = null, params string[] extra)
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.ArgumentList.Add(typeof(UpCommand).Assembly.Location);
+        foreach (var arg in (string[])["serve", name.Split('-')[0], "--model", model, "--port", port.ToString(), "--device", device]) start.ArgumentList.Add(arg);
+        if (httpPort is { } http) { start.ArgumentList.Add("--http-port"); start.ArgumentList.Add(http.ToString()); }
+        foreach (var arg in extra) start.ArgumentList.Add(arg);
+        var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start the {name} service");
+        // Service logs go to stderr, prefixed, so stdout stays the machine-readable "ready" line.
+        process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine($"[{name}] {e.Data}"); };
+        process.ErrorDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine($"[{name}] {e.Data}"); };
+        process.BeginOutputReadLine();
+        process.BeginErrorReadLine();
+        var service = new Service(name, port, httpPort, process);
+        services.Add(service);
+        return service;
+    }
+
+    private static void WaitUntilServing(List<Service> services, CancellationToken stopping)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(10);
+        foreach (var service in services)
+        {
+            using var channel = GrpcChannel.ForAddress($"http://127.0.0.1:{service.Port}");
+            var health = new Health.HealthClient(channel);
+            while (true)
+            {
+                stopping.ThrowIfCancellationRequested();
+                if (service.Process.HasExited)
+                    throw new InvalidOperationException($"the {service.Name} service exited with code {service.Process.ExitCode} before it was ready");
+                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the {service.Name} service did not report SERVING in time");
+                try
+                {
+                    var status = health.Check(new HealthCheckRequest(), deadline: DateTime.UtcNow.AddSeconds(2)).Status;
+                    if (status == HealthCheckResponse.Types.ServingStatus.Serving) break;
+                }
+                catch (Grpc.Core.RpcException)
+                {
+                    // Not listening yet.
+                }
+                stopping.WaitHandle.WaitOne(200);
+            }
+        }
+    }
+
+    private static void StopAll(List<Service> services)
+    {
+        // SIGTERM lets each service finish the streams it has in flight; the gateway goes first.
+        foreach (var service in Enumerable.Reverse(services).Where(s => !s.Process.HasExited)) Kill(service.Process.Id, Sigterm);
+        foreach (var service in services)
+        {
+            if (!service.Process.WaitForExit(TimeSpan.FromSeconds(35))) service.Process.Kill(entireProcessTree: true);
+            service.Process.Dispose();
+        }
+    }
+
+    private static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    private const int Sigterm = 15;
+
+    [LibraryImport("libc", EntryPoint = "kill", SetLastError = true)]
+    private static partial int Kill(int pid, int signal);
+}

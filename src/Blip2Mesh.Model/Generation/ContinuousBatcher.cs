@@ -1,0 +1,120 @@
+using System.Threading.Channels;
+
+namespace Blip2Mesh.Model.Generation;
+
+/// <summary>
+/// Continuous batching: every active request advances together, one batched decoder step at a time; requests
+/// join and leave at step boundaries. A request whose caller cancels leaves at the next boundary and frees its rows.
+/// </summary>
+public sealed class ContinuousBatcher : IAsyncDisposable
+{
+    private readonly Generator _generator;
+    private readonly int _maxRows;
+    private readonly int _maxQueued;
+    private readonly Channel<Sequence> _incoming = Channel.CreateUnbounded<Sequence>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _loop;
+    private int _queued;
+    private int _activeSequences;
+
+    private sealed record Sequence(DecodingState State, ChannelWriter<IReadOnlyList<int>> Tokens, CancellationToken Cancellation);
+
+    /// <param name="maxRows">Most decoder rows (a beam is a row) stepped together; more requests wait in the queue.</param>
+    /// <param name="maxQueued">Most requests waiting; beyond it <see cref="Submit"/> refuses with <see cref="QueueFullException"/>.</param>
+    public ContinuousBatcher(Generator generator, int maxRows = 64, int maxQueued = 1024)
+    {
+        _generator = generator;
+        _maxRows = maxRows;
+        _maxQueued = maxQueued;
+        _loop = Task.Factory.StartNew(Loop, TaskCreationOptions.LongRunning).Unwrap();
+    }
+
+    /// <summary>Requests being decoded now.</summary>
+    public int ActiveSequences => Volatile.Read(ref _activeSequences);
+    /// <summary>Requests waiting for rows.</summary>
+    public int QueueDepth => Volatile.Read(ref _queued);
+    /// <summary>Rows of the last step (the decoder's batch size).</summary>
+    public int LastBatchRows { get; private set; }
+
+    /// <summary>Queues an encoded request; its final tokens stream out as the batch advances.</summary>
+    public IAsyncEnumerable<IReadOnlyList<int>> Submit(DecodingState state, CancellationToken cancellation)
+    {
+        if (state.Rows > _maxRows) throw new ArgumentException($"the request needs {state.Rows} rows but a batch holds at most {_maxRows}");
+        if (Interlocked.Increment(ref _queued) > _maxQueued)
+        {
+            Interlocked.Decrement(ref _queued);
+            throw new QueueFullException($"the decoder queue is full ({_maxQueued} requests waiting)");
+        }
+        var tokens = Channel.CreateUnbounded<IReadOnlyList<int>>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
+        _incoming.Writer.TryWrite(new Sequence(state, tokens.Writer, cancellation));
+        return tokens.Reader.ReadAllAsync(cancellation);
+    }
+
+    private async Task Loop()
+    {
+        var active = new List<Sequence>();
+        var stop = _stop.Token;
+        while (!stop.IsCancellationRequested)
+        {
+            if (active.Count == 0)
+            {
+                try
+                {
+                    if (!await _incoming.Reader.WaitToReadAsync(stop)) break;
+                }
+                catch (OperationCanceledException) { break; }
+            }
+            var rows = active.Sum(s => s.State.Rows);
+            while (_incoming.Reader.TryPeek(out var next) && rows + next.State.Rows <= _maxRows && _incoming.Reader.TryRead(out next))
+            {
+                Interlocked.Decrement(ref _queued);
+                active.Add(next);
+                rows += next.State.Rows;
+            }
+            foreach (var cancelled in active.Where(s => s.Cancellation.IsCancellationRequested).ToList())
+            {
+                cancelled.Tokens.TryComplete(new OperationCanceledException(cancelled.Cancellation));
+                active.Remove(cancelled);
+            }
+            Volatile.Write(ref _activeSequences, active.Count);
+            if (active.Count == 0) continue;
+
+            LastBatchRows = active.Sum(s => s.State.Rows);
+            IReadOnlyList<IReadOnlyList<int>> stepped;
+            try
+            {
+                stepped = _generator.Step(active.Select(s => s.State).ToList());
+            }
+            catch (Exception e)
+            {
+                foreach (var sequence in active) sequence.Tokens.TryComplete(e);
+                active.Clear();
+                continue;
+            }
+            for (var i = active.Count - 1; i >= 0; i--)
+            {
+                var sequence = active[i];
+                if (stepped[i].Count > 0) sequence.Tokens.TryWrite(stepped[i]);
+                if (sequence.State.IsFinished)
+                {
+                    sequence.Tokens.TryComplete();
+                    active.RemoveAt(i);
+                }
+            }
+            Volatile.Write(ref _activeSequences, active.Count);
+        }
+        foreach (var sequence in active) sequence.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _incoming.Writer.TryComplete();
+        await _stop.CancelAsync();
+        await _loop;
+        while (_incoming.Reader.TryRead(out var waiting)) waiting.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+        _stop.Dispose();
+    }
+}
+
+/// <summary>The decoder's queue is full; the caller should retry later or elsewhere.</summary>
+public sealed class QueueFullException(string message) : Exception(message);

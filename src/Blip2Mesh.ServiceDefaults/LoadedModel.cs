@@ -1,0 +1,47 @@
+using Grpc.Core;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace Blip2Mesh.ServiceDefaults;
+
+/// <summary>
+/// Loads a service's model in the background once the host has started, so health answers NOT_SERVING while it
+/// loads and SERVING after; turns NOT_SERVING again when the host begins to stop, so balancers drain it.
+/// </summary>
+public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostApplicationLifetime lifetime, ILogger<LoadedModel<T>> logger)
+    : BackgroundService where T : class
+{
+    private readonly TaskCompletionSource<T> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    /// <summary>The model, or UNAVAILABLE while it is still loading (or failed to load).</summary>
+    public T Value => _ready.Task.IsCompletedSuccessfully
+        ? _ready.Task.Result
+        : throw new RpcException(new Status(StatusCode.Unavailable, "the model is still loading"));
+
+    public Task<T> Ready => _ready.Task;
+
+    protected override Task ExecuteAsync(CancellationToken stoppingToken) => Task.Run(() =>
+    {
+        try
+        {
+            var started = System.Diagnostics.Stopwatch.StartNew();
+            var model = load();
+            _ready.SetResult(model);
+            lifetime.ApplicationStopping.Register(health.SetNotServing);
+            health.SetServing();
+            logger.LogInformation("model loaded in {Seconds:F1} s; serving", started.Elapsed.TotalSeconds);
+        }
+        catch (Exception e)
+        {
+            logger.LogCritical(e, "the model could not be loaded: {Message}", e.Message);
+            _ready.SetException(e);
+            lifetime.StopApplication();
+        }
+    }, stoppingToken);
+
+    public override void Dispose()
+    {
+        if (_ready.Task.IsCompletedSuccessfully && _ready.Task.Result is IDisposable disposable) disposable.Dispose();
+        base.Dispose();
+    }
+}

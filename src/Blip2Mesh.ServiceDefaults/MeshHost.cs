@@ -1,0 +1,86 @@
+using System.Net;
+using Grpc.Health.V1;
+using Grpc.HealthCheck;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace Blip2Mesh.ServiceDefaults;
+
+/// <summary>The composition every service host starts from.</summary>
+public static class MeshHost
+{
+    /// <summary>
+    /// A web application builder with the gRPC endpoint (HTTP/2 cleartext) and, when asked, an HTTP/1.1 endpoint;
+    /// gRPC message limits, grpc.health.v1 (NOT_SERVING until <see cref="ServiceHealth.SetServing"/>) and reflection.
+    /// </summary>
+    public static WebApplicationBuilder CreateBuilder(string serviceName, ServiceOptions options)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.Logging.AddSimpleConsole(o =>
+        {
+            o.SingleLine = true;
+            o.TimestampFormat = "HH:mm:ss.fff ";
+        });
+        builder.Logging.SetMinimumLevel(LogLevel.Information);
+        builder.Logging.AddFilter("Microsoft.AspNetCore", LogLevel.Warning);
+        builder.Logging.AddFilter("Grpc", LogLevel.Warning);
+
+        var address = IPAddress.Parse(options.Bind);
+        builder.WebHost.ConfigureKestrel(kestrel =>
+        {
+            kestrel.Listen(address, options.Port, listen => listen.Protocols = HttpProtocols.Http2);
+            if (options.HttpPort is { } httpPort) kestrel.Listen(address, httpPort, listen => listen.Protocols = HttpProtocols.Http1);
+            kestrel.Limits.MaxRequestBodySize = options.MaxMessageBytes;
+        });
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = options.ShutdownGrace);
+
+        builder.Services.AddGrpc(grpc =>
+        {
+            grpc.MaxReceiveMessageSize = options.MaxMessageBytes;
+            grpc.MaxSendMessageSize = options.MaxMessageBytes;
+        });
+        builder.Services.AddGrpcReflection();
+        var health = new ServiceHealth(serviceName);
+        builder.Services.AddSingleton(health);
+        builder.Services.AddSingleton(health.Impl);
+        builder.Services.AddSingleton(options);
+        return builder;
+    }
+
+    /// <summary>Maps health and reflection; call after building.</summary>
+    public static void MapMeshEndpoints(this WebApplication app)
+    {
+        app.MapGrpcService<HealthServiceImpl>();
+        app.MapGrpcReflectionService();
+    }
+}
+
+/// <summary>grpc.health.v1 status of this process, for "" and for the service's own name.</summary>
+public sealed class ServiceHealth
+{
+    private readonly string _serviceName;
+
+    public ServiceHealth(string serviceName)
+    {
+        _serviceName = serviceName;
+        Impl = new HealthServiceImpl();
+        Set(HealthCheckResponse.Types.ServingStatus.NotServing);
+    }
+
+    public HealthServiceImpl Impl { get; }
+
+    public void SetServing() => Set(HealthCheckResponse.Types.ServingStatus.Serving);
+
+    public void SetNotServing() => Set(HealthCheckResponse.Types.ServingStatus.NotServing);
+
+    private void Set(HealthCheckResponse.Types.ServingStatus status)
+    {
+        Impl.SetStatus("", status);
+        Impl.SetStatus(_serviceName, status);
+    }
+}

@@ -1,0 +1,89 @@
+using System.Buffers;
+using System.Runtime.InteropServices;
+using Blip2Mesh.Contracts.Tensor.V1;
+using Blip2Mesh.Model.Runtime;
+using Google.Protobuf;
+using Grpc.Core;
+using ProtoTensor = Blip2Mesh.Contracts.Tensor.V1.Tensor;
+
+namespace Blip2Mesh.ServiceDefaults;
+
+/// <summary>Tensors to and from the wire: raw little-endian bytes, wrapped without copying when sent.</summary>
+public static class TensorCodec
+{
+    public static ProtoTensor FromFloat(FloatTensor tensor)
+    {
+        var proto = new ProtoTensor
+        {
+            Dtype = DType.Float32,
+            Data = UnsafeByteOperations.UnsafeWrap(new FloatBytes(tensor.Data).Memory),
+        };
+        proto.Shape.AddRange(tensor.Shape);
+        return proto;
+    }
+
+    public static ProtoTensor FromUInt8(byte[] data, params long[] shape)
+    {
+        var proto = new ProtoTensor { Dtype = DType.Uint8, Data = UnsafeByteOperations.UnsafeWrap(data) };
+        proto.Shape.AddRange(shape);
+        return proto;
+    }
+
+    /// <summary>A float32 tensor whose shape must match <paramref name="expected"/> (−1 = any size), else FAILED_PRECONDITION.</summary>
+    public static FloatTensor ToFloat(ProtoTensor? proto, string name, long[] expected, string expectation)
+    {
+        Check(proto, name, DType.Float32, expected, expectation);
+        return new FloatTensor(MemoryMarshal.Cast<byte, float>(proto!.Data.Span).ToArray(), proto.Shape.ToArray());
+    }
+
+    public static byte[] ToUInt8(ProtoTensor? proto, string name, long[] expected, string expectation)
+    {
+        Check(proto, name, DType.Uint8, expected, expectation);
+        return proto!.Data.ToByteArray();
+    }
+
+    private static void Check(ProtoTensor? proto, string name, DType dtype, long[] expected, string expectation)
+    {
+        if (proto is null) throw new RpcException(new Status(StatusCode.InvalidArgument, $"{name} is missing"));
+        var shape = proto.Shape;
+        var shapeOk = shape.Count == expected.Length && shape.Zip(expected).All(p => p.Second < 0 ? p.First > 0 : p.First == p.Second);
+        if (proto.Dtype != dtype || !shapeOk)
+            throw new RpcException(new Status(StatusCode.FailedPrecondition,
+                $"{name} is {proto.Dtype} [{string.Join(", ", shape)}] but this stage takes {dtype} [{string.Join(", ", expected.Select(d => d < 0 ? "N" : d.ToString()))}] ({expectation})"));
+        var bytes = shape.Aggregate(1L, (a, b) => a * b) * (dtype == DType.Uint8 ? 1 : 4);
+        if (proto.Data.Length != bytes)
+            throw new RpcException(new Status(StatusCode.InvalidArgument, $"{name} holds {proto.Data.Length} bytes, its shape needs {bytes}"));
+    }
+
+    /// <summary>A float array seen as bytes, so protobuf can send it without a copy.</summary>
+    private sealed class FloatBytes(float[] data) : MemoryManager<byte>
+    {
+        private GCHandle _pin;
+
+        public override Span<byte> GetSpan() => MemoryMarshal.AsBytes(data.AsSpan());
+
+        public override unsafe MemoryHandle Pin(int elementIndex = 0)
+        {
+            if (!_pin.IsAllocated) _pin = GCHandle.Alloc(data, GCHandleType.Pinned);
+            return new MemoryHandle((byte*)_pin.AddrOfPinnedObject() + elementIndex);
+        }
+
+        public override void Unpin() { }
+
+        protected override void Dispose(bool disposing)
+        {
+            if (_pin.IsAllocated) _pin.Free();
+        }
+    }
+}
+
+/// <summary>Checks that caller and stage run the same model, naming both fingerprints when they do not.</summary>
+public static class ModelFingerprint
+{
+    public static void Check(string requested, string served, string stage)
+    {
+        if (!string.IsNullOrEmpty(requested) && requested != served)
+            throw new RpcException(new Status(StatusCode.FailedPrecondition,
+                $"model mismatch: the caller expects model {requested} but the {stage} stage serves model {served}"));
+    }
+}

@@ -1,0 +1,73 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>`blip2mesh up` as a real process tree on loopback, stopped with SIGTERM on dispose.</summary>
+public sealed partial class MeshProcess : IDisposable
+{
+    private readonly Process _process;
+
+    public string GatewayAddress { get; }
+    public string HttpAddress { get; }
+    /// <summary>Service name (vision, qformer, decoder-0, …, gateway) → "127.0.0.1:port".</summary>
+    public IReadOnlyDictionary<string, string> Services { get; }
+    public string Log => _log.ToString();
+    private readonly System.Text.StringBuilder _log = new();
+
+    public MeshProcess(string model, int decoderReplicas = 1)
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
+        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString()])
+            start.ArgumentList.Add(arg);
+        _process = Process.Start(start)!;
+        _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
+        _process.BeginErrorReadLine();
+
+        var services = new Dictionary<string, string>();
+        var deadline = DateTime.UtcNow.AddMinutes(3);
+        string? http = null;
+        while (true)
+        {
+            var read = _process.StandardOutput.ReadLineAsync();
+            if (!read.Wait(deadline - DateTime.UtcNow) || read.Result is null)
+            {
+                Dispose();
+                throw new InvalidOperationException($"the mesh did not become ready:\n{Log}");
+            }
+            var parts = read.Result.Split(' ');
+            if (parts[0] == "service") services[parts[1]] = parts[2];
+            else if (parts[0] == "http") http = parts[1];
+            else if (parts[0] == "ready")
+            {
+                GatewayAddress = parts[1];
+                break;
+            }
+        }
+        Services = services;
+        HttpAddress = http ?? throw new InvalidOperationException("no http address printed");
+    }
+
+    public static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    public void Dispose()
+    {
+        if (!_process.HasExited)
+        {
+            _ = Kill(_process.Id, 15);
+            if (!_process.WaitForExit(TimeSpan.FromSeconds(60))) _process.Kill(entireProcessTree: true);
+        }
+        _process.Dispose();
+    }
+
+    [LibraryImport("libc", EntryPoint = "kill")]
+    private static partial int Kill(int pid, int signal);
+}
