@@ -13,4 +13,12 @@ public sealed record GatewayOptions
     public long MaxImagePixels { get; init; } = 50_000_000;
     /// <summary>Bytes of query embeddings kept in memory (least recently used go first).</summary>
     public long CacheBytes { get; init; } = 256L * 1024 * 1024;
+    /// <summary>Redis "host:port" shared by all gateway replicas as the second cache level; none when null.</summary>
+    public string? Redis { get; init; }
+    public TimeSpan RedisTtl { get; init; } = TimeSpan.FromDays(1);
+    /// <summary>File of accepted API keys, one per line; the API is open when null.</summary>
+    public string? ApiKeysFile { get; init; }
+    /// <summary>PEM CA certificate the stages' TLS certificates are checked against; stage hops are cleartext when null.</summary>
+    public string? StageTlsCa { get; init; }
+    public ResilienceOptions Resilience { get; init; } = new();
 }

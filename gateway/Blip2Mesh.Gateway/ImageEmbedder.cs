@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Security.Cryptography;
 using Blip2Mesh.Contracts.QFormer.V1;
 using Blip2Mesh.Contracts.Vision.V1;
@@ -7,6 +6,10 @@ using Blip2Mesh.Model.Imaging;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.ServiceDefaults;
 using Grpc.Core;
+using Polly;
+using Polly.CircuitBreaker;
+using Polly.Timeout;
+using ProtoTensor = Blip2Mesh.Contracts.Tensor.V1.Tensor;
 
 namespace Blip2Mesh.Gateway;
 
@@ -15,16 +18,24 @@ public sealed record ImageEmbedding(string ImageId, FloatTensor QueryEmbeds, boo
 
 /// <summary>
 /// Image bytes → query embeddings: decode and resize here (uint8 RGB is 4x smaller than float pixels on the
-/// wire), then the vision and Q-Former stages, with the result cached under the image's id and the model.
+/// wire), then the vision and Q-Former stages. Results are cached under the model's fingerprint and the image's
+/// SHA-256: in this process (L1), then in Redis shared by every gateway (L2). One computation per new image,
+/// however many requests ask for it at once.
 /// </summary>
-public sealed class ImageEmbedder(Blip2Config config, string fingerprint, ImagePreprocessor images, StageChannels stages, EmbeddingCache cache, GatewayOptions options)
+public sealed class ImageEmbedder(
+    Blip2Config config, string fingerprint, ImagePreprocessor images, StageChannels stages, StagePipelines pipelines,
+    EmbeddingCache cache, RedisEmbeddingStore? redis, GatewayOptions options)
 {
+    private sealed record Computed(FloatTensor Embeds, bool FromRedis, Dictionary<string, double> StageMs);
+
     public string Fingerprint => fingerprint;
+
+    private long[] QueryShape => [1, config.NumQueryTokens, config.Text.DModel];
 
     /// <summary>SHA-256 of the image bytes: the image's id for later requests.</summary>
     public static string ImageId(ReadOnlySpan<byte> image) => Convert.ToHexStringLower(SHA256.HashData(image));
 
-    private string CacheKey(string imageId) => $"{fingerprint}:{imageId}";
+    private string CacheKey(string imageId) => $"blip2mesh:embeds:{fingerprint}:{imageId}";
 
     public async Task<ImageEmbedding> EmbedAsync(ReadOnlyMemory<byte> image, ServerCallContext context)
     {
@@ -32,65 +43,121 @@ public sealed class ImageEmbedder(Blip2Config config, string fingerprint, ImageP
         if (image.Length > options.MaxImageBytes)
             throw new RpcException(new Status(StatusCode.InvalidArgument, $"image: {image.Length} bytes exceed the limit of {options.MaxImageBytes}"));
         var imageId = ImageId(image.Span);
-        var stageMs = new Dictionary<string, double>();
-        var (embeds, hit) = await cache.GetOrComputeAsync(CacheKey(imageId), () => ComputeAsync(image, stageMs, context));
-        return new ImageEmbedding(imageId, embeds, hit, hit ? new Dictionary<string, double>() : stageMs);
+        var key = CacheKey(imageId);
+        Computed? computed = null;
+        var (embeds, shared) = await cache.GetOrComputeAsync(key, async () =>
+        {
+            computed = await FromRedisOrStagesAsync(key, image, context);
+            return computed.Embeds;
+        });
+        // A hit: this process had it (L1), another request computed it meanwhile, or Redis had it (L2).
+        var hit = shared || computed is null || computed.FromRedis;
+        if (computed is null || shared) MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l1"));
+        return new ImageEmbedding(imageId, embeds, hit, computed is { FromRedis: false } && !shared ? computed.StageMs : new Dictionary<string, double>());
     }
 
-    public bool TryGetCached(string imageId, out FloatTensor embeds) => cache.TryGet(CacheKey(imageId), out embeds);
+    /// <summary>The cached embeddings of an image id (L1, then L2), or null.</summary>
+    public async Task<FloatTensor?> FindAsync(string imageId)
+    {
+        var key = CacheKey(imageId);
+        if (cache.TryGet(key, out var embeds))
+        {
+            MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l1"));
+            return embeds;
+        }
+        if (redis is null || await redis.TryGetAsync(key) is not { } stored || stored.Length != FloatTensor.ElementCount(QueryShape)) return null;
+        MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l2"));
+        var tensor = new FloatTensor(stored, QueryShape);
+        cache.Add(key, tensor);
+        return tensor;
+    }
+
+    private async Task<Computed> FromRedisOrStagesAsync(string key, ReadOnlyMemory<byte> image, ServerCallContext context)
+    {
+        if (redis is not null && await redis.TryGetAsync(key) is { } stored && stored.Length == FloatTensor.ElementCount(QueryShape))
+        {
+            MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l2"));
+            return new Computed(new FloatTensor(stored, QueryShape), true, []);
+        }
+        MeshTelemetry.CacheMisses.Add(1);
+        var stageMs = new Dictionary<string, double>();
+        var embeds = await ComputeAsync(image, stageMs, context);
+        if (redis is not null) await redis.TrySetAsync(key, embeds.Data);
+        return new Computed(embeds, false, stageMs);
+    }
 
     private async Task<FloatTensor> ComputeAsync(ReadOnlyMemory<byte> image, Dictionary<string, double> stageMs, ServerCallContext context)
     {
-        var clock = Stopwatch.StartNew();
         RgbImage resized;
-        try
+        using (var preprocess = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "preprocess"))
         {
-            resized = await Task.Run(() => images.ToModelSize(image.Span));
+            try
+            {
+                resized = await Task.Run(() => images.ToModelSize(image.Span));
+            }
+            catch (InvalidImageException e)
+            {
+                throw new RpcException(new Status(StatusCode.InvalidArgument, $"image: {e.Message}"));
+            }
+            stageMs["preprocess"] = preprocess.ElapsedMs;
         }
-        catch (InvalidImageException e)
-        {
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"image: {e.Message}"));
-        }
-        stageMs["preprocess"] = clock.Elapsed.TotalMilliseconds;
 
-        clock.Restart();
         var size = config.Vision.ImageSize;
-        var imageEmbeds = await CallStageAsync("vision", async () =>
+        var pixels = TensorCodec.FromUInt8(resized.Pixels, 1, size, size, 3);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var imageEmbeds = await CallAsync("vision", pipelines.Vision, context, async ct =>
         {
-            using var call = new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(deadline: context.Deadline, cancellationToken: context.CancellationToken);
-            await call.RequestStream.WriteAsync(new EmbedRequest { Pixels = TensorCodec.FromUInt8(resized.Pixels, 1, size, size, 3), ModelFingerprint = fingerprint });
+            using var call = new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(deadline: context.Deadline, cancellationToken: ct);
+            await call.RequestStream.WriteAsync(new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, ct);
             await call.RequestStream.CompleteAsync();
-            if (!await call.ResponseStream.MoveNext(context.CancellationToken)) throw new RpcException(new Status(StatusCode.Internal, "no response"));
-            return call.ResponseStream.Current.ImageEmbeds;
+            return await SingleResponse(call.ResponseStream, ct, r => r.ImageEmbeds);
         });
         stageMs["vision"] = clock.Elapsed.TotalMilliseconds;
 
         clock.Restart();
-        var queryEmbeds = await CallStageAsync("qformer", async () =>
+        var queryEmbeds = await CallAsync("qformer", pipelines.QFormer, context, async ct =>
         {
-            using var call = new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(deadline: context.Deadline, cancellationToken: context.CancellationToken);
-            await call.RequestStream.WriteAsync(new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint });
+            using var call = new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(deadline: context.Deadline, cancellationToken: ct);
+            await call.RequestStream.WriteAsync(new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, ct);
             await call.RequestStream.CompleteAsync();
-            if (!await call.ResponseStream.MoveNext(context.CancellationToken)) throw new RpcException(new Status(StatusCode.Internal, "no response"));
-            return call.ResponseStream.Current.QueryEmbeds;
+            return await SingleResponse(call.ResponseStream, ct, r => r.QueryEmbeds);
         });
         stageMs["qformer"] = clock.Elapsed.TotalMilliseconds;
-        return TensorCodec.ToFloat(queryEmbeds, "query_embeds", [1, config.NumQueryTokens, config.Text.DModel], "the Q-Former output");
+        return TensorCodec.ToFloat(queryEmbeds, "query_embeds", QueryShape, "the Q-Former output");
     }
 
-    /// <summary>Runs a stage call; a failure reaches the caller with the stage named.</summary>
-    public static async Task<T> CallStageAsync<T>(string stage, Func<Task<T>> call)
+    private static async Task<ProtoTensor> SingleResponse<T>(IAsyncStreamReader<T> responses, CancellationToken ct, Func<T, ProtoTensor> pick)
     {
+        if (!await responses.MoveNext(ct)) throw new RpcException(new Status(StatusCode.Internal, "the stage closed its stream without a response"));
+        return pick(responses.Current);
+    }
+
+    /// <summary>Runs a stage call through its resilience pipeline; a failure reaches the caller with the stage named.</summary>
+    public static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, ServerCallContext context, Func<CancellationToken, Task<T>> call)
+    {
+        var resilience = ResilienceContextPool.Shared.Get(context.CancellationToken);
         try
         {
-            return await call();
+            return await pipeline.ExecuteAsync(async rc => await call(rc.CancellationToken), resilience);
         }
-        catch (RpcException e) when (e.StatusCode != StatusCode.Cancelled)
+        catch (Exception e) when (StageFailure(stage, e, context) is { } failure)
         {
-            throw StageFailure(stage, e);
+            throw failure;
+        }
+        finally
+        {
+            ResilienceContextPool.Shared.Return(resilience);
         }
     }
 
-    public static RpcException StageFailure(string stage, RpcException e) =>
-        new(new Status(e.StatusCode, $"{stage} stage: {e.Status.Detail}"));
+    /// <summary>The status a failed stage call becomes for the caller, the stage named; null to let it pass as is.</summary>
+    public static RpcException? StageFailure(string stage, Exception e, ServerCallContext context) => e switch
+    {
+        _ when context.CancellationToken.IsCancellationRequested => new RpcException(new Status(StatusCode.Cancelled, "the request was cancelled")),
+        RpcException { StatusCode: StatusCode.Cancelled } => null,
+        RpcException r => new RpcException(new Status(r.StatusCode is StatusCode.Internal or StatusCode.Unknown ? StatusCode.Unavailable : r.StatusCode, $"{stage} stage: {r.Status.Detail}")),
+        BrokenCircuitException => new RpcException(new Status(StatusCode.Unavailable, $"{stage} stage: unavailable (circuit open after repeated failures)")),
+        TimeoutRejectedException => new RpcException(new Status(StatusCode.Unavailable, $"{stage} stage: no answer within the attempt timeout")),
+        _ => null,
+    };
 }

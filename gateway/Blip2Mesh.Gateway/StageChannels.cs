@@ -1,4 +1,6 @@
 using System.Net;
+using System.Net.Security;
+using System.Security.Cryptography.X509Certificates;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Grpc.Net.Client.Balancer;
@@ -15,16 +17,17 @@ public sealed class StageChannels : IDisposable
 {
     public StageChannels(GatewayOptions options, int maxMessageBytes)
     {
-        Vision = Create("vision", options.Vision, maxMessageBytes);
-        QFormer = Create("qformer", options.QFormer, maxMessageBytes);
-        Decoder = Create("decoder", options.Decoder, maxMessageBytes);
+        var ca = options.StageTlsCa is null ? null : X509Certificate2.CreateFromPemFile(options.StageTlsCa);
+        Vision = Create("vision", options.Vision, maxMessageBytes, ca);
+        QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca);
+        Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca);
     }
 
     public GrpcChannel Vision { get; }
     public GrpcChannel QFormer { get; }
     public GrpcChannel Decoder { get; }
 
-    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes)
+    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes, X509Certificate2? ca)
     {
         if (replicas.Count == 0) throw new ArgumentException($"no {stage} address given");
         var endpoints = replicas.Select(r => Parse(stage, r)).ToList();
@@ -40,14 +43,28 @@ public sealed class StageChannels : IDisposable
             services.AddSingleton<ResolverFactory>(new StaticResolverFactory(_ => endpoints.Select(e => new BalancerAddress(e.Host, e.Port))));
             target = $"static:///{stage}";
         }
+        var handler = new SocketsHttpHandler { EnableMultipleHttp2Connections = true, PooledConnectionIdleTimeout = Timeout.InfiniteTimeSpan };
+        if (ca is not null) handler.SslOptions.RemoteCertificateValidationCallback = (_, certificate, _, errors) => TrustedBy(ca, certificate, errors);
         return GrpcChannel.ForAddress(target, new GrpcChannelOptions
         {
-            Credentials = ChannelCredentials.Insecure,
+            Credentials = ca is null ? ChannelCredentials.Insecure : ChannelCredentials.SecureSsl,
+            HttpHandler = handler,
             ServiceConfig = new ServiceConfig { LoadBalancingConfigs = { new RoundRobinConfig() } },
             ServiceProvider = services.BuildServiceProvider(),
             MaxReceiveMessageSize = maxMessageBytes,
             MaxSendMessageSize = maxMessageBytes,
         });
+    }
+
+    /// <summary>The stage's certificate chains to our CA and names the host we dialled.</summary>
+    private static bool TrustedBy(X509Certificate2 ca, X509Certificate? certificate, SslPolicyErrors errors)
+    {
+        if (certificate is null || (errors & ~SslPolicyErrors.RemoteCertificateChainErrors) != SslPolicyErrors.None) return false;
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.Add(ca);
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        return chain.Build(X509CertificateLoader.LoadCertificate(certificate.GetRawCertData()));
     }
 
     private static (string Host, int Port) Parse(string stage, string address)

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Blip2Mesh.Contracts.Decoder.V1;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Onnx;
@@ -20,7 +19,12 @@ public sealed class DecoderRuntime : IDisposable
         Model = Blip2Model.Load(modelDir, new PixelInput.Rgb8(null, null, null), execution);
         Model.Warm(decoder: true);
         Generator = new Generator(Model);
-        Batcher = new ContinuousBatcher(Generator, maxRows);
+        Batcher = new ContinuousBatcher(Generator, maxRows,
+            onStep: rows => MeshTelemetry.BatchSize.Record(rows, new KeyValuePair<string, object?>("stage", "decoder")));
+        MeshTelemetry.Meter.CreateObservableGauge("blip2mesh.decoder.active_sequences", () => Batcher.ActiveSequences,
+            description: "Requests being decoded now (the autoscaling signal)");
+        MeshTelemetry.Meter.CreateObservableGauge("blip2mesh.decoder.queue_depth", () => Batcher.QueueDepth,
+            description: "Requests waiting for decoder rows");
     }
 
     public Blip2Model Model { get; }
@@ -53,7 +57,8 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         if (promptIds.Count > limits.MaxPromptTokens)
             throw new RpcException(new Status(StatusCode.InvalidArgument, $"prompt: {promptIds.Count} tokens exceed the limit of {limits.MaxPromptTokens}"));
 
-        var started = Stopwatch.StartNew();
+        MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "decoder"));
+        using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
         var cancellation = context.CancellationToken;
         var state = await Task.Run(() => r.Generator.Start(queries, promptIds, options), cancellation);
         IAsyncEnumerable<IReadOnlyList<int>> tokens;
@@ -71,6 +76,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         await foreach (var step in tokens)
         {
             generated += step.Count;
+            MeshTelemetry.GeneratedTokens.Add(step.Count);
             var delta = new DecodeEvent { Text = string.Concat(step.Select(text.Push)) };
             delta.TokenIds.AddRange(step);
             await responses.WriteAsync(delta, cancellation);
@@ -82,7 +88,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
             FinishReason = best.FinishReason,
             PromptTokens = promptIds.Count,
             GeneratedTokens = generated,
-            DecoderMs = started.Elapsed.TotalMilliseconds,
+            DecoderMs = timer.ElapsedMs,
         }, cancellation);
     }
 

@@ -20,7 +20,11 @@ public sealed class QFormerService(LoadedModel<Blip2Model> model) : Contracts.QF
             var vision = m.Config.Vision;
             var embeds = TensorCodec.ToFloat(request.ImageEmbeds, "image_embeds", [-1, vision.SequenceLength, vision.HiddenSize],
                 $"the vision output of model {m.Checkpoint.Fingerprint}");
-            var projected = await Task.Run(() => m.RunQFormer(embeds).QueryEmbeds, context.CancellationToken);
+            MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "qformer"));
+            MeshTelemetry.BatchSize.Record((int)embeds.Shape[0], new KeyValuePair<string, object?>("stage", "qformer"));
+            FloatTensor projected;
+            using (MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "qformer"))
+                projected = await Task.Run(() => m.RunQFormer(embeds).QueryEmbeds, context.CancellationToken);
             await responses.WriteAsync(new ProjectResponse { QueryEmbeds = TensorCodec.FromFloat(projected) });
         }
     }

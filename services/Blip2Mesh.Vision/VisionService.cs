@@ -20,7 +20,11 @@ public sealed class VisionService(LoadedModel<Blip2Model> model) : Contracts.Vis
             var size = m.Config.Vision.ImageSize;
             var pixels = TensorCodec.ToUInt8(request.Pixels, "pixels", [-1, size, size, 3], $"uint8 RGB images of {size}x{size}");
             var batch = (int)request.Pixels.Shape[0];
-            var embeds = await Task.Run(() => m.EmbedRgb(pixels, batch), context.CancellationToken);
+            MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "vision"));
+            MeshTelemetry.BatchSize.Record(batch, new KeyValuePair<string, object?>("stage", "vision"));
+            FloatTensor embeds;
+            using (MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "vision"))
+                embeds = await Task.Run(() => m.EmbedRgb(pixels, batch), context.CancellationToken);
             await responses.WriteAsync(new EmbedResponse { ImageEmbeds = TensorCodec.FromFloat(embeds) });
         }
     }

@@ -13,7 +13,9 @@ const string Usage = """
       inspect   --model DIR
       serve     vision|qformer|decoder --model DIR --port N [--http-port N] [--bind ADDR]
       serve     gateway --model DIR --port N [--http-port N] --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...]
-      up        --model DIR [--port P] [--http-port N] [--decoder-replicas N]   the whole mesh on 127.0.0.1
+                [--redis HOST:PORT] [--api-keys-file FILE] [--cache-mb N] [--max-image-mb N] [--tls-ca FILE]
+                every service: [--tls-cert FILE --tls-key FILE] [--device cpu|cuda]; decoder: [--max-batch-rows N]
+      up        --model DIR [--port P] [--http-port N] [--decoder-replicas N] [--redis HOST:PORT]   the whole mesh on 127.0.0.1
       caption   IMAGE [--prompt TEXT] [--addr HOST:PORT] [generation options]  ask a running gateway
 
     generation options: --max-new-tokens N --min-new-tokens N --num-beams N --length-penalty X

@@ -22,6 +22,8 @@ internal static class ServeCommand
             HttpPort = args.Int("http-port"),
             Bind = args.Optional("bind") ?? "127.0.0.1",
             Device = ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"),
+            TlsCertificate = args.Optional("tls-cert"),
+            TlsKey = args.Optional("tls-key"),
         };
         if (!Directory.Exists(options.Model)) throw new DirectoryNotFoundException($"model directory '{options.Model}' does not exist");
 
@@ -61,6 +63,9 @@ internal static class ServeCommand
             Decoder = List(args.Required("decoder")),
             CacheBytes = (long)(args.Float("cache-mb") ?? defaults.CacheBytes / 1048576f) * 1048576,
             MaxImageBytes = (int)((args.Float("max-image-mb") ?? defaults.MaxImageBytes / 1048576f) * 1048576),
+            Redis = args.Optional("redis"),
+            ApiKeysFile = args.Optional("api-keys-file"),
+            StageTlsCa = args.Optional("tls-ca"),
         };
         args.EnsureAllUsed();
         return GatewayService.Build(options, gateway);

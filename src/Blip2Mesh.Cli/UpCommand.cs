@@ -23,6 +23,7 @@ internal static partial class UpCommand
         var httpPort = args.Int("http-port") ?? port + 1;
         var decoders = args.Int("decoder-replicas") ?? 1;
         var device = args.Optional("device") ?? "cpu";
+        var redis = args.Optional("redis");
         args.EnsureAllUsed();
         if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
 
@@ -32,15 +33,16 @@ internal static partial class UpCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
         try
         {
-            var vision = Start(services, "vision", model, device, FreePort());
-            var qformer = Start(services, "qformer", model, device, FreePort());
-            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, FreePort()).Port).ToList();
-            Start(services, "gateway", model, device, port, httpPort,
-                "--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
-                "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}")));
+            var vision = Start(services, "vision", model, device, FreePort(), FreePort());
+            var qformer = Start(services, "qformer", model, device, FreePort(), FreePort());
+            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, FreePort(), FreePort()).Port).ToList();
+            string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
+                "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}"))];
+            Start(services, "gateway", model, device, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
+            foreach (var service in services) Console.Out.WriteLine($"metrics {service.Name} http://127.0.0.1:{service.HttpPort}/metrics");
             Console.Out.WriteLine($"http http://127.0.0.1:{httpPort}");
             Console.Out.WriteLine($"ready 127.0.0.1:{port}");
             Console.Out.Flush();

@@ -1,4 +1,5 @@
 using System.Net;
+using System.Security.Cryptography.X509Certificates;
 using Grpc.Health.V1;
 using Grpc.HealthCheck;
 using Microsoft.AspNetCore.Builder;
@@ -7,6 +8,7 @@ using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using OpenTelemetry.Exporter;
 
 namespace Blip2Mesh.ServiceDefaults;
 
@@ -31,13 +33,24 @@ public static class MeshHost
         builder.Logging.AddFilter("Grpc", LogLevel.Warning);
 
         var address = IPAddress.Parse(options.Bind);
+        var certificate = options.TlsCertificate is null ? null : LoadCertificate(options.TlsCertificate, options.TlsKey);
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
-            kestrel.Listen(address, options.Port, listen => listen.Protocols = HttpProtocols.Http2);
-            if (options.HttpPort is { } httpPort) kestrel.Listen(address, httpPort, listen => listen.Protocols = HttpProtocols.Http1);
+            kestrel.Listen(address, options.Port, listen =>
+            {
+                listen.Protocols = HttpProtocols.Http2;
+                if (certificate is not null) listen.UseHttps(certificate);
+            });
+            if (options.HttpPort is { } httpPort)
+                kestrel.Listen(address, httpPort, listen =>
+                {
+                    listen.Protocols = HttpProtocols.Http1;
+                    if (certificate is not null) listen.UseHttps(certificate);
+                });
             kestrel.Limits.MaxRequestBodySize = options.MaxMessageBytes;
         });
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = options.ShutdownGrace);
+        builder.AddMeshTelemetry(serviceName);
 
         builder.Services.AddGrpc(grpc =>
         {
@@ -52,11 +65,20 @@ public static class MeshHost
         return builder;
     }
 
-    /// <summary>Maps health and reflection; call after building.</summary>
+    private static X509Certificate2 LoadCertificate(string certificate, string? key)
+    {
+        if (key is null) throw new ArgumentException("--tls-cert needs --tls-key");
+        // Re-import so the private key is usable by SslStream on every platform.
+        using var pem = X509Certificate2.CreateFromPemFile(certificate, key);
+        return X509CertificateLoader.LoadPkcs12(pem.Export(X509ContentType.Pkcs12), null);
+    }
+
+    /// <summary>Maps health, reflection and the metrics endpoint; call after building.</summary>
     public static void MapMeshEndpoints(this WebApplication app)
     {
         app.MapGrpcService<HealthServiceImpl>();
         app.MapGrpcReflectionService();
+        app.MapPrometheusScrapingEndpoint();
     }
 }
 

@@ -15,6 +15,9 @@ public sealed record ServiceOptions
     public ExecutionDevice Device { get; init; } = ExecutionDevice.Cpu;
     /// <summary>Largest gRPC message accepted or sent (tensors of a batch, encoded images).</summary>
     public int MaxMessageBytes { get; init; } = 64 * 1024 * 1024;
+    /// <summary>PEM certificate and key: serve gRPC and HTTP over TLS instead of cleartext.</summary>
+    public string? TlsCertificate { get; init; }
+    public string? TlsKey { get; init; }
     /// <summary>How long in-flight streams may take to finish when the service is asked to stop.</summary>
     public TimeSpan ShutdownGrace { get; init; } = TimeSpan.FromSeconds(30);
 }

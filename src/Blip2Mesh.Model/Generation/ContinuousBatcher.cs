@@ -11,6 +11,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     private readonly Generator _generator;
     private readonly int _maxRows;
     private readonly int _maxQueued;
+    private readonly Action<int>? _onStep;
     private readonly Channel<Sequence> _incoming = Channel.CreateUnbounded<Sequence>(new UnboundedChannelOptions { SingleReader = true });
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _loop;
@@ -21,9 +22,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
 
     /// <param name="maxRows">Most decoder rows (a beam is a row) stepped together; more requests wait in the queue.</param>
     /// <param name="maxQueued">Most requests waiting; beyond it <see cref="Submit"/> refuses with <see cref="QueueFullException"/>.</param>
-    public ContinuousBatcher(Generator generator, int maxRows = 64, int maxQueued = 1024)
+    /// <param name="onStep">Told the number of rows of every step (for the batch-size metric).</param>
+    public ContinuousBatcher(Generator generator, int maxRows = 64, int maxQueued = 1024, Action<int>? onStep = null)
     {
         _generator = generator;
+        _onStep = onStep;
         _maxRows = maxRows;
         _maxQueued = maxQueued;
         _loop = Task.Factory.StartNew(Loop, TaskCreationOptions.LongRunning).Unwrap();
@@ -33,8 +36,6 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     public int ActiveSequences => Volatile.Read(ref _activeSequences);
     /// <summary>Requests waiting for rows.</summary>
     public int QueueDepth => Volatile.Read(ref _queued);
-    /// <summary>Rows of the last step (the decoder's batch size).</summary>
-    public int LastBatchRows { get; private set; }
 
     /// <summary>Queues an encoded request; its final tokens stream out as the batch advances.</summary>
     public IAsyncEnumerable<IReadOnlyList<int>> Submit(DecodingState state, CancellationToken cancellation)
@@ -79,7 +80,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             Volatile.Write(ref _activeSequences, active.Count);
             if (active.Count == 0) continue;
 
-            LastBatchRows = active.Sum(s => s.State.Rows);
+            _onStep?.Invoke(active.Sum(s => s.State.Rows));
             IReadOnlyList<IReadOnlyList<int>> stepped;
             try
             {

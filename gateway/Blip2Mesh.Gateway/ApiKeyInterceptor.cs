@@ -1,0 +1,46 @@
+using System.Security.Cryptography;
+using System.Text;
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+
+namespace Blip2Mesh.Gateway;
+
+/// <summary>
+/// Requires "authorization: Bearer KEY" with one of the configured keys on the public API (gRPC and JSON alike);
+/// health and reflection stay open for probes and tools.
+/// </summary>
+public sealed class ApiKeyInterceptor(ApiKeys keys) : Interceptor
+{
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        Check(context);
+        return continuation(request, context);
+    }
+
+    public override Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        Check(context);
+        return continuation(request, responseStream, context);
+    }
+
+    private void Check(ServerCallContext context)
+    {
+        if (keys.Keys.Count == 0 || !context.Method.StartsWith("/blip2.v1.", StringComparison.Ordinal)) return;
+        var header = context.RequestHeaders.GetValue("authorization");
+        const string prefix = "Bearer ";
+        if (header is null || !header.StartsWith(prefix, StringComparison.OrdinalIgnoreCase))
+            throw new RpcException(new Status(StatusCode.Unauthenticated, "an API key is required: send the header 'authorization: Bearer <key>'"));
+        var presented = Encoding.UTF8.GetBytes(header[prefix.Length..].Trim());
+        if (!keys.Keys.Any(k => CryptographicOperations.FixedTimeEquals(k, presented)))
+            throw new RpcException(new Status(StatusCode.Unauthenticated, "the API key is not valid"));
+    }
+}
+
+/// <summary>The accepted API keys (none: the API is open).</summary>
+public sealed record ApiKeys(IReadOnlyList<byte[]> Keys)
+{
+    /// <summary>One key per line; blank lines and lines starting with # are ignored.</summary>
+    public static ApiKeys Load(string? path) => path is null
+        ? new ApiKeys([])
+        : new ApiKeys(File.ReadAllLines(path).Select(l => l.Trim()).Where(l => l.Length > 0 && !l.StartsWith('#')).Select(Encoding.UTF8.GetBytes).ToList());
+}

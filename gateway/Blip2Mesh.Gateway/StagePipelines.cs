@@ -1,0 +1,79 @@
+using Grpc.Core;
+using Polly;
+using Polly.CircuitBreaker;
+using Polly.Retry;
+using Polly.Timeout;
+
+namespace Blip2Mesh.Gateway;
+
+/// <summary>How the gateway rides through failing stage replicas; every number in one place.</summary>
+public sealed record ResilienceOptions
+{
+    /// <summary>Longest a vision or Q-Former call may take before it is retried elsewhere.</summary>
+    public TimeSpan AttemptTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public int MaxRetries { get; init; } = 3;
+    public TimeSpan RetryDelay { get; init; } = TimeSpan.FromMilliseconds(100);
+    /// <summary>The circuit opens when this share of a stage's calls failed within the sampling window…</summary>
+    public double BreakerFailureRatio { get; init; } = 0.5;
+    public TimeSpan BreakerSamplingDuration { get; init; } = TimeSpan.FromSeconds(10);
+    /// <summary>…and at least this many calls were made; it stays open this long.</summary>
+    public int BreakerMinimumThroughput { get; init; } = 20;
+    public TimeSpan BreakerDuration { get; init; } = TimeSpan.FromSeconds(2);
+}
+
+/// <summary>
+/// The Polly pipelines of the stage calls. Vision and Q-Former calls are idempotent: timeout per attempt, retry with
+/// jittered exponential backoff on transient status codes, circuit breaker. A decoder stream is retried (on the next
+/// replica, round-robin) only while it has not yet forwarded anything to the caller.
+/// </summary>
+public sealed class StagePipelines
+{
+    /// <summary>Set on the call's resilience context once the decoder stream forwarded its first message.</summary>
+    public static readonly ResiliencePropertyKey<bool> StreamStarted = new("blip2mesh.stream-started");
+
+    public StagePipelines(ResilienceOptions options)
+    {
+        Vision = Build(options, timeout: true);
+        QFormer = Build(options, timeout: true);
+        Decoder = Build(options, timeout: false);
+    }
+
+    public ResiliencePipeline Vision { get; }
+    public ResiliencePipeline QFormer { get; }
+    public ResiliencePipeline Decoder { get; }
+
+    /// <summary>Status codes after which the same request may succeed on another attempt or replica.</summary>
+    public static bool IsTransient(StatusCode code) =>
+        code is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.Aborted or StatusCode.Internal or StatusCode.Unknown;
+
+    private static ValueTask<bool> Handles(Outcome<object> outcome, ResilienceContext context) => ValueTask.FromResult(
+        !context.Properties.GetValue(StreamStarted, false) && outcome.Exception switch
+        {
+            TimeoutRejectedException => true,
+            RpcException e => IsTransient(e.StatusCode),
+            _ => false,
+        });
+
+    private static ResiliencePipeline Build(ResilienceOptions options, bool timeout)
+    {
+        var builder = new ResiliencePipelineBuilder()
+            .AddRetry(new RetryStrategyOptions
+            {
+                ShouldHandle = args => Handles(args.Outcome, args.Context),
+                MaxRetryAttempts = options.MaxRetries,
+                Delay = options.RetryDelay,
+                BackoffType = DelayBackoffType.Exponential,
+                UseJitter = true,
+            })
+            .AddCircuitBreaker(new CircuitBreakerStrategyOptions
+            {
+                ShouldHandle = args => Handles(args.Outcome, args.Context),
+                FailureRatio = options.BreakerFailureRatio,
+                SamplingDuration = options.BreakerSamplingDuration,
+                MinimumThroughput = options.BreakerMinimumThroughput,
+                BreakDuration = options.BreakerDuration,
+            });
+        if (timeout) builder.AddTimeout(options.AttemptTimeout);
+        return builder.Build();
+    }
+}
