@@ -30,7 +30,9 @@ public sealed class GatewayService(ImageEmbedder embedder, StageChannels stages,
         var hasImage = !request.Image.IsEmpty;
         var hasId = !string.IsNullOrEmpty(request.ImageId);
         if (hasImage == hasId)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, "give exactly one of image and image_id"));
+            throw new RpcException(new Status(StatusCode.InvalidArgument, hasImage
+                ? "give exactly one of image and image_id, not both"
+                : "image is empty and no image_id was given: give exactly one of image and image_id"));
         var options = request.Options ?? new Contracts.V1.GenerationOptions();
         GenerationRequests.ToOptions(options, limits);
         var promptTokens = tokenizer.Encode(request.Prompt).Count;

@@ -29,8 +29,10 @@ public static class Fixtures
     private static readonly ConcurrentDictionary<string, Lazy<JsonDocument>> ReferenceJson = new();
 
     /// <summary>One loaded pipeline per checkpoint, shared by all tests (ONNX Runtime sessions are thread-safe).</summary>
-    public static Blip2Pipeline Pipeline(string name) =>
-        Pipelines.GetOrAdd(name, n => new Lazy<Blip2Pipeline>(() => Blip2Pipeline.Load(CheckpointDir(n)))).Value;
+    public static Blip2Pipeline Pipeline(string name) => PipelineAt(CheckpointDir(name));
+
+    public static Blip2Pipeline PipelineAt(string directory) =>
+        Pipelines.GetOrAdd(directory, d => new Lazy<Blip2Pipeline>(() => Blip2Pipeline.Load(d))).Value;
 
     public static SafetensorsFile Tensors(string name) =>
         ReferenceTensors.GetOrAdd(name, n => new Lazy<SafetensorsFile>(() => SafetensorsFile.Open(Path.Combine(CheckpointDir(n), "references.safetensors")))).Value;

@@ -279,39 +279,10 @@ public sealed class ImagePreprocessingTests(ITestOutputHelper output)
         AssertRefused(bytes[..30], "image is truncated"); // cut inside the header
     }
 
-    private static byte[] PngChunk(string type, byte[] data)
-    {
-        var chunk = new byte[12 + data.Length];
-        BinaryPrimitives.WriteInt32BigEndian(chunk, data.Length);
-        Encoding.ASCII.GetBytes(type).CopyTo(chunk, 4);
-        data.CopyTo(chunk, 8);
-        BinaryPrimitives.WriteUInt32BigEndian(chunk.AsSpan(8 + data.Length), Crc32(chunk.AsSpan(4, 4 + data.Length)));
-        return chunk;
-    }
-
-    private static uint Crc32(ReadOnlySpan<byte> bytes)
-    {
-        var crc = 0xFFFFFFFFu;
-        foreach (var b in bytes)
-        {
-            crc ^= b;
-            for (var i = 0; i < 8; i++) crc = (crc & 1) != 0 ? (crc >> 1) ^ 0xEDB88320u : crc >> 1;
-        }
-        return ~crc;
-    }
-
     [Fact]
     public void DecompressionBombIsRefusedFromTheHeader()
     {
-        var ihdr = new byte[13];
-        BinaryPrimitives.WriteInt32BigEndian(ihdr, 50000);
-        BinaryPrimitives.WriteInt32BigEndian(ihdr.AsSpan(4), 50000);
-        ihdr[8] = 8; // bit depth
-        ihdr[9] = 2; // colour type RGB
-        using var idat = new MemoryStream();
-        using (var zlib = new ZLibStream(idat, CompressionLevel.SmallestSize, leaveOpen: true))
-            zlib.Write(new byte[1 + 3 * 50000]); // one filtered row of zeros; the rest would follow
-        byte[] png = [0x89, .. "PNG\r\n\x1a\n"u8, .. PngChunk("IHDR", ihdr), .. PngChunk("IDAT", idat.ToArray()), .. PngChunk("IEND", [])];
+        var png = TestImages.BombPng(50000, 50000);
 
         var error = Assert.Throws<InvalidImageException>(() => ImageDecoder.Decode(png));
         Assert.Equal($"image of 50000x50000 pixels exceeds the limit of {ImageDecoder.DefaultMaxPixels} pixels", error.Message);

@@ -1,0 +1,115 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using Blip2Mesh.Model.Generation;
+using Grpc.Core;
+using Xunit.Abstractions;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>Pods die and come back: the gateway rides through with correct answers or a clear UNAVAILABLE.</summary>
+public sealed class FaultTests(ITestOutputHelper output) : IDisposable
+{
+    private readonly ServiceProcess _vision = new("vision", Fixtures.Demo);
+    private readonly ServiceProcess _qformer = new("qformer", Fixtures.Demo);
+    private readonly ServiceProcess _decoderA = new("decoder", Fixtures.Demo);
+    private readonly ServiceProcess _decoderB = new("decoder", Fixtures.Demo);
+    private ServiceProcess? _gateway;
+
+    private ServiceProcess Gateway => _gateway ??= new ServiceProcess("gateway", Fixtures.Demo,
+        "--vision", _vision.Address, "--qformer", _qformer.Address, "--decoder", $"{_decoderA.Address},{_decoderB.Address}");
+
+    public void Dispose()
+    {
+        foreach (var p in new IDisposable?[] { _gateway, _decoderA, _decoderB, _qformer, _vision }) p?.Dispose();
+    }
+
+    private static readonly string[] Prompts =
+    [
+        "", "Question: what color is the background? Answer:", "Question: how many shapes are there? Answer:",
+        "Question: what shape is it? Answer:",
+    ];
+
+    private static string[] Samples() => Directory.GetFiles(Path.Combine(Fixtures.Demo, "samples")).Where(f => !f.EndsWith(".json")).Order().ToArray();
+
+    /// <summary>What the model answers in-process, for every sample image and prompt.</summary>
+    private static Dictionary<(string, string), int[]> ExpectedAnswers()
+    {
+        var pipeline = Fixtures.PipelineAt(Fixtures.Demo);
+        var expected = new Dictionary<(string, string), int[]>();
+        foreach (var image in Samples())
+        {
+            var queries = pipeline.EmbedImage(File.ReadAllBytes(image));
+            foreach (var prompt in Prompts)
+                expected[(image, prompt)] = pipeline.Generate(queries, prompt, new GenerationOptions()).Last().Final!.Best.Ids.Skip(1).ToArray();
+        }
+        return expected;
+    }
+
+    [Fact]
+    public async Task KillingADecoderMidRunLosesNoAnswerSilentlyAndItsRestartTakesTraffic()
+    {
+        var expected = ExpectedAnswers();
+        var client = MeshClients.Gateway(Gateway.Address, out var channel);
+        using var _ = channel;
+        var work = Enumerable.Range(0, 100).Select(i => (Image: Samples()[i % Samples().Length], Prompt: Prompts[i / Samples().Length % Prompts.Length])).ToList();
+        var results = new ConcurrentBag<(Answer Answer, int[] Expected)>();
+        var completed = 0;
+        var killed = false;
+        await Parallel.ForEachAsync(work, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (item, _) =>
+        {
+            var answer = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(item.Image), item.Prompt));
+            results.Add((answer, expected[(item.Image, item.Prompt)]));
+            if (Interlocked.Increment(ref completed) == 20 && !killed)
+            {
+                killed = true;
+                _decoderB.Kill();
+            }
+        });
+
+        var failed = results.Where(r => r.Answer.Error is not null).ToList();
+        output.WriteLine($"{results.Count} requests, {failed.Count} failed with UNAVAILABLE after the decoder was killed");
+        Assert.Equal(100, results.Count);
+        foreach (var (answer, want) in results.Where(r => r.Answer.Error is null))
+        {
+            Assert.Equal(want, answer.TokenIds);
+            Assert.Equal("eos", answer.FinishReason);
+        }
+        // Only streams already running on the killed replica may fail, and they say so: never a truncated success.
+        Assert.All(failed, r => Assert.Equal(StatusCode.Unavailable, r.Answer.Error!.StatusCode));
+        Assert.All(failed, r => Assert.Contains("decoder", r.Answer.Error!.Status.Detail));
+        Assert.True(failed.Count <= 8, $"{failed.Count} failures: more than the streams in flight at the kill");
+
+        // Back up on the same address: the gateway sends it work again.
+        _decoderB.Start();
+        var before = _decoderB.Metric("blip2mesh_stage_requests_total");
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while (_decoderB.Metric("blip2mesh_stage_requests_total") == before && DateTime.UtcNow < deadline)
+        {
+            var answer = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Samples()[0]), Prompts[1]));
+            Assert.Null(answer.Error);
+        }
+        Assert.True(_decoderB.Metric("blip2mesh_stage_requests_total") > before, "the restarted decoder got no traffic");
+    }
+
+    [Fact]
+    public async Task VisionDownIsUnavailableNamingTheStageWithinTheDeadlineAndServedAgainWhenBack()
+    {
+        var client = MeshClients.Gateway(Gateway.Address, out var channel);
+        using var _ = channel;
+        _vision.Kill();
+        var clock = Stopwatch.StartNew();
+        var down = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Samples()[1])), TimeSpan.FromSeconds(20));
+        Assert.NotNull(down.Error);
+        Assert.Equal(StatusCode.Unavailable, down.Error!.StatusCode);
+        Assert.Contains("vision", down.Error.Status.Detail);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(20), $"took {clock.Elapsed}");
+
+        _vision.Start();
+        Answer? up = null;
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (DateTime.UtcNow < deadline && (up = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Samples()[1])))).Error is not null)
+            await Task.Delay(200);
+        Assert.Null(up!.Error);
+        Assert.Equal("eos", up.FinishReason);
+    }
+}

@@ -1,0 +1,141 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Text;
+using Grpc.Health.V1;
+using Grpc.Net.Client;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>One `blip2mesh serve …` process on loopback, for tests that kill and restart services.</summary>
+public sealed partial class ServiceProcess : IDisposable
+{
+    private readonly string[] _arguments;
+    private Process? _process;
+    private readonly StringBuilder _log = new();
+
+    public string Name { get; }
+    public int Port { get; }
+    public int HttpPort { get; }
+    public string Address => $"127.0.0.1:{Port}";
+    public string Log { get { lock (_log) return _log.ToString(); } }
+
+    public ServiceProcess(string service, string model, params string[] extra)
+    {
+        Name = service;
+        Port = MeshProcess.FreePort();
+        HttpPort = MeshProcess.FreePort();
+        _arguments = ["serve", service, "--model", model, "--port", Port.ToString(), "--http-port", HttpPort.ToString(), .. extra];
+        Start();
+    }
+
+    /// <summary>Starts (or restarts, on the same ports) and waits until the service reports SERVING.</summary>
+    public void Start()
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
+        foreach (var arg in _arguments) start.ArgumentList.Add(arg);
+        _process = Process.Start(start)!;
+        _process.OutputDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
+        _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
+        _process.BeginOutputReadLine();
+        _process.BeginErrorReadLine();
+        WaitServing(TimeSpan.FromMinutes(2));
+    }
+
+    private void WaitServing(TimeSpan timeout)
+    {
+        using var channel = GrpcChannel.ForAddress($"http://{Address}");
+        var health = new Health.HealthClient(channel);
+        var deadline = DateTime.UtcNow + timeout;
+        while (DateTime.UtcNow < deadline)
+        {
+            if (_process!.HasExited) throw new InvalidOperationException($"{Name} exited with {_process.ExitCode}:\n{Log}");
+            try
+            {
+                if (health.Check(new HealthCheckRequest(), deadline: DateTime.UtcNow.AddSeconds(2)).Status == HealthCheckResponse.Types.ServingStatus.Serving) return;
+            }
+            catch (Grpc.Core.RpcException)
+            {
+                // not listening yet
+            }
+            Thread.Sleep(100);
+        }
+        throw new TimeoutException($"{Name} did not report SERVING:\n{Log}");
+    }
+
+    /// <summary>SIGKILL: the process dies as a crashed pod would, streams cut mid-flight.</summary>
+    public void Kill()
+    {
+        if (_process is { HasExited: false }) _process.Kill(entireProcessTree: true);
+        _process?.WaitForExit();
+    }
+
+    /// <summary>SIGTERM: graceful shutdown, in-flight streams finish.</summary>
+    public void Terminate() => _ = SendSignal(_process!.Id, 15);
+
+    public bool WaitForExit(TimeSpan timeout) => _process!.WaitForExit(timeout);
+
+    /// <summary>Sum of a Prometheus counter or gauge on this service's /metrics, matching a label filter.</summary>
+    public double Metric(string name, string? labelContains = null)
+    {
+        using var http = new HttpClient();
+        var text = http.GetStringAsync($"http://127.0.0.1:{HttpPort}/metrics").GetAwaiter().GetResult();
+        return text.Split('\n')
+            .Where(l => l.StartsWith(name + "{", StringComparison.Ordinal) || l.StartsWith(name + " ", StringComparison.Ordinal))
+            .Where(l => labelContains is null || l.Contains(labelContains, StringComparison.Ordinal))
+            .Select(l => double.Parse(l[(l.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture))
+            .Sum();
+    }
+
+    public void Dispose()
+    {
+        Kill();
+        _process?.Dispose();
+    }
+
+    [LibraryImport("libc", EntryPoint = "kill")]
+    private static partial int SendSignal(int pid, int signal);
+}
+
+/// <summary>A redis-server of the test's own on a free loopback port, without persistence.</summary>
+public sealed class RedisProcess : IDisposable
+{
+    private readonly Process _process;
+    public int Port { get; } = MeshProcess.FreePort();
+    public string Address => $"127.0.0.1:{Port}";
+
+    public RedisProcess()
+    {
+        var start = new ProcessStartInfo("redis-server") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var arg in (string[])["--port", Port.ToString(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]) start.ArgumentList.Add(arg);
+        _process = Process.Start(start)!;
+        _process.BeginOutputReadLine();
+        _process.BeginErrorReadLine();
+        var deadline = DateTime.UtcNow.AddSeconds(20);
+        while (DateTime.UtcNow < deadline)
+        {
+            try
+            {
+                using var client = new System.Net.Sockets.TcpClient("127.0.0.1", Port);
+                return;
+            }
+            catch (System.Net.Sockets.SocketException)
+            {
+                Thread.Sleep(50);
+            }
+        }
+        throw new TimeoutException("redis-server did not start");
+    }
+
+    public void Kill()
+    {
+        if (!_process.HasExited) _process.Kill();
+        _process.WaitForExit();
+    }
+
+    public void Dispose()
+    {
+        Kill();
+        _process.Dispose();
+    }
+}
