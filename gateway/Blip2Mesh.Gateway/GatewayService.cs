@@ -95,6 +95,7 @@ public sealed class GatewayService(ImageEmbedder embedder, StageChannels stages,
         var app = builder.Build();
         app.MapGrpcService<GatewayService>();
         app.MapMeshEndpoints();
+        app.MapPlayground();
         // The gateway's own readiness: its model files are readable. Stage health is the stages' own.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         app.Services.GetRequiredService<ServiceHealth>().SetServing();
