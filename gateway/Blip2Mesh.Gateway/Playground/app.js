@@ -149,6 +149,7 @@ async function ask(event) {
   if (busy || !image.file) return;
   clearError();
   setBusy(true);
+  ui.form.dataset.state = "busy";   // idle → busy → done | error, for scripts and tests
   try {
     const request = { prompt: ui.prompt.value, options: readOptions() };
     try {
@@ -158,8 +159,10 @@ async function ask(event) {
       image.imageId = null;   // evicted from the gateway's cache: send the bytes again
       await askOnce(request);
     }
+    ui.form.dataset.state = "done";
   } catch (e) {
     showError(e);
+    ui.form.dataset.state = "error";
   } finally {
     setBusy(false);
   }
