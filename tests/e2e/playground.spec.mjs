@@ -136,7 +136,7 @@ async function openPlayground(context, baseUrl) {
 /** Clicks Ask and waits for the page to finish; returns its state, answer, facts and the answer's snapshots. */
 async function ask(page) {
   await page.evaluate(() => { window.answerSnapshots = []; });
-  await page.getByRole("button", { name: "Ask" }).click();
+  await page.getByRole("button", { name: "Ask", exact: true }).click();
   await page.waitForSelector("form[data-state=done], form[data-state=error]", { timeout: ANSWER_TIMEOUT_MS });
   return page.evaluate(() => {
     const text = (id) => document.getElementById(id).textContent;
@@ -236,6 +236,31 @@ describe("browser playground", () => {
     await page.close();
   });
 
+  test("sampling options go into the request and give the API's answer", async () => {
+    const { page, problems, requests } = await openPlayground(browser.context, mesh.http);
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    assert.equal(await page.getByLabel("Temperature").isDisabled(), true, "sampling knobs wait for Sample");
+    await page.getByLabel("Sample").check();
+    await page.getByLabel("Temperature").fill("0.7");
+    await page.getByLabel("Top-p").fill("0.9");
+    await page.getByLabel("Seed").fill("3");
+    await page.getByLabel("Max new tokens").fill("12");
+    await page.getByLabel("Prompt").fill(QUESTION);
+    const result = await ask(page);
+    assert.equal(result.state, "done", `sampling failed: ${result.error}`);
+    const options = { maxNewTokens: 12, numBeams: 1, doSample: true, temperature: 0.7, topP: 0.9, seed: 3 };
+    assert.deepEqual(requests[0].body.options, options);
+
+    // The same request through the HTTP/JSON API from node, joined from its NDJSON lines.
+    const body = JSON.stringify({ image: requests[0].body.image, prompt: QUESTION, options });
+    const response = await fetch(`${mesh.http}/v1/generate`, { method: "POST", headers: { "Content-Type": "application/json" }, body });
+    assert.equal(response.status, 200);
+    const text = (await response.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l).text ?? "").join("");
+    assert.equal(result.answer, text);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
   test("a file that is not an image gets the gateway's message, not a stack trace", async () => {
     const { page, problems } = await openPlayground(browser.context, mesh.http);
     const notImage = path.join(scratch, "notes.txt");
@@ -246,12 +271,14 @@ describe("browser playground", () => {
     assert.equal(result.error, "Invalid argument: image: bytes are not a supported image (PNG, JPEG, WebP, GIF, BMP)");
     assert.equal(result.answer, "");
     assert.equal(await page.getByRole("alert").textContent(), result.error);
+    assert.equal(await page.getByText("No preview for this file.").isVisible(), true);
 
     // A good image afterwards works and clears the error.
     await page.getByTestId("image-input").setInputFiles(SAMPLE);
     const retry = await ask(page);
     assert.equal(retry.state, "done");
     assert.equal(retry.error, null);
+    assert.equal(await page.getByText("No preview for this file.").isVisible(), false);
     assert.deepEqual(problems, []);
     await page.close();
   });

@@ -36,6 +36,7 @@ function chooseImage(file) {
   ui.preview.alt = `Preview of ${file.name}`;
   ui.preview.hidden = false;
   ui.hint.hidden = true;
+  $("no-preview").hidden = true;
   ui.imageInfo.textContent = `${file.name} · ${formatBytes(file.size)} · sent with the first question`;
   clearError();
   updateAskButton();
@@ -43,8 +44,7 @@ function chooseImage(file) {
 
 ui.preview.addEventListener("error", () => {   // not something the browser can show; the gateway will say why
   ui.preview.hidden = true;
-  ui.hint.hidden = false;
-  ui.hint.textContent = "No preview for this file.";
+  $("no-preview").hidden = false;
 });
 
 ui.input.addEventListener("change", () => chooseImage(ui.input.files[0]));
