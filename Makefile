@@ -2,7 +2,7 @@
 MODEL ?= models/blip2-demo
 CONFIG ?= Release
 
-.PHONY: build test run up clean
+.PHONY: build test run up clean e2e-browser
 
 build:
 	dotnet build Blip2Mesh.sln -c $(CONFIG) --nologo -clp:ErrorsOnly
@@ -17,6 +17,13 @@ run:
 # Keeps the mesh running for your own clients (Ctrl-C stops it).
 up:
 	./blip2mesh up --model $(MODEL) --port 50051
+
+# The browser playground end to end: starts the mesh, drives Debian's chromium (apt-get install -y chromium
+# fonts-dejavu-core; CHROMIUM=PATH to use another) with playwright-core, writes docs/playground.png.
+e2e-browser:
+	npm ci --prefix tests/e2e --no-audit --no-fund
+	./blip2mesh --help >/dev/null
+	node --test tests/e2e/playground.spec.mjs
 
 clean:
 	rm -rf out; find . -name bin -o -name obj -type d -prune -exec rm -rf {} +

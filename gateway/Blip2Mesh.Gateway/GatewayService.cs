@@ -129,6 +129,7 @@ public sealed class GatewayService(ImageEmbedder embedder, StageChannels stages,
         var app = builder.Build();
         app.MapGrpcService<GatewayService>();
         app.MapMeshEndpoints();
+        app.MapPlayground();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();

@@ -1,0 +1,315 @@
+// End-to-end test of the gateway's browser playground: starts the mesh on the demo model, drives Debian's
+// chromium (never a downloaded browser) with playwright-core, and checks the page against the gRPC API.
+//
+//   npm ci --prefix tests/e2e && node --test tests/e2e/playground.spec.mjs      (or: make e2e-browser)
+//
+// Environment: CHROMIUM (default /usr/bin/chromium), PLAYGROUND_SCREENSHOT (default docs/playground.png).
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { execFile, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const MODEL = "models/blip2-demo";
+const SAMPLE = path.join(root, MODEL, "samples/sample000.png");
+const QUESTION = "Question: what color is the background? Answer:";
+const SCREENSHOT = path.resolve(root, process.env.PLAYGROUND_SCREENSHOT || "docs/playground.png");
+const START_TIMEOUT_MS = 300_000;   // ./blip2mesh builds the CLI first when the sources changed
+const ANSWER_TIMEOUT_MS = 60_000;
+
+// ---- processes -----------------------------------------------------------------------------------------------------
+
+const children = new Set();
+// Last resort if this process dies without running the after() hooks: no mesh is left behind.
+process.on("exit", () => { for (const child of children) killGroup(child, "SIGKILL"); });
+for (const signal of ["SIGINT", "SIGTERM"]) process.on(signal, () => process.exit(130));
+
+function killGroup(child, signal) {
+  try { process.kill(-child.pid, signal); } catch { /* already gone */ }
+}
+
+async function freePorts(count) {
+  const servers = await Promise.all(Array.from({ length: count }, () => new Promise((resolve, reject) => {
+    const server = createServer().once("error", reject);
+    server.listen(0, "127.0.0.1", () => resolve(server));
+  })));
+  const ports = servers.map((s) => s.address().port);
+  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
+  return ports;
+}
+
+/** Starts ./blip2mesh ARGS in its own process group; resolves once a stdout line matches `ready`. */
+async function startProcess(args, ready) {
+  const child = spawn("./blip2mesh", args, { cwd: root, detached: true, stdio: ["ignore", "pipe", "pipe"] });
+  children.add(child);
+  let stdout = "";
+  let stderr = "";
+  const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
+  child.stderr.on("data", (d) => { stderr = (stderr + d).slice(-8000); });
+  const stop = async () => {
+    if (!children.has(child)) return;
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill("SIGTERM");   // `up` stops every service it started
+      const timer = setTimeout(() => killGroup(child, "SIGKILL"), 45_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    killGroup(child, "SIGKILL");   // anything the process left in its group
+    children.delete(child);
+  };
+  const line = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${args[0]} not ready after ${START_TIMEOUT_MS} ms\n${stderr}`)), START_TIMEOUT_MS);
+    child.stdout.on("data", (d) => {
+      stdout += d;
+      const match = stdout.split("\n").find((l) => ready.test(l));
+      if (match) { clearTimeout(timer); resolve(match); }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`./blip2mesh ${args[0]} exited (${code ?? signal}) before it was ready\n${stderr}`));
+    });
+  }).catch(async (e) => { await stop(); throw e; });
+  child.stdout.resume();
+  return { child, stdout: () => stdout, line, stop };
+}
+
+async function startMesh() {
+  const [port, httpPort] = await freePorts(2);
+  const mesh = await startProcess(["up", "--model", MODEL, "--port", String(port), "--http-port", String(httpPort)], /^ready /);
+  return { ...mesh, grpc: `127.0.0.1:${port}`, http: `http://127.0.0.1:${httpPort}` };
+}
+
+/** The answer the gRPC API gives for IMAGE and PROMPT with default options, from the CLI's own gRPC client. */
+async function grpcAnswer(address, image, prompt) {
+  const { stdout } = await promisify(execFile)("./blip2mesh", ["caption", image, "--addr", address, "--prompt", prompt],
+    { cwd: root, timeout: ANSWER_TIMEOUT_MS });
+  return stdout.replace(/\n$/, "");
+}
+
+// ---- the browser ---------------------------------------------------------------------------------------------------
+
+async function launchBrowser() {
+  if (!existsSync(CHROMIUM)) throw new Error(`no chromium at ${CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)`);
+  const profile = await mkdtemp(path.join(tmpdir(), "blip2mesh-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1280, height: 800 },
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  return { context, close: async () => { await context.close(); await rm(profile, { recursive: true, force: true }); } };
+}
+
+/** Opens the playground; records page errors, and every answer's text as it changes (a MutationObserver). */
+async function openPlayground(context, baseUrl) {
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
+  page.on("console", (m) => {
+    // Failed API calls are logged by the browser itself ("Failed to load resource"); the page shows those.
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) problems.push(`console: ${m.text()}`);
+  });
+  const requests = [];
+  page.on("request", (r) => {
+    if (r.method() === "POST") requests.push({ path: new URL(r.url()).pathname, body: r.postDataJSON() });
+  });
+  const response = await page.goto(`${baseUrl}/`);
+  assert.equal(response.status(), 200);
+  await page.evaluate(() => {
+    const answer = document.getElementById("answer");
+    window.answerSnapshots = [];
+    new MutationObserver(() => window.answerSnapshots.push(answer.textContent))
+      .observe(answer, { childList: true, characterData: true, subtree: true });
+  });
+  return { page, problems, requests };
+}
+
+/** Clicks Ask and waits for the page to finish; returns its state, answer, facts and the answer's snapshots. */
+async function ask(page) {
+  await page.evaluate(() => { window.answerSnapshots = []; });
+  await page.getByRole("button", { name: "Ask", exact: true }).click();
+  await page.waitForSelector("form[data-state=done], form[data-state=error]", { timeout: ANSWER_TIMEOUT_MS });
+  return page.evaluate(() => {
+    const text = (id) => document.getElementById(id).textContent;
+    return {
+      state: document.getElementById("ask-form").dataset.state,
+      answer: text("answer"),
+      error: document.getElementById("error").hidden ? null : text("error"),
+      image: text("fact-image"), cacheHit: text("fact-cache-hit"), ttft: text("fact-ttft"), tps: text("fact-tps"),
+      stages: Object.fromEntries([...document.querySelectorAll("#fact-stages .stage")]
+        .map((s) => [s.dataset.stage, s.textContent])),
+      snapshots: window.answerSnapshots,
+    };
+  });
+}
+
+/** The distinct non-empty states the answer went through, each required to extend the one before. */
+function growth(snapshots) {
+  const states = snapshots.filter((s, i) => s !== "" && s !== snapshots[i - 1]);
+  for (let i = 1; i < states.length; i++) {
+    assert.ok(states[i].startsWith(states[i - 1]) && states[i].length > states[i - 1].length,
+      `the answer only grows while streaming: ${JSON.stringify(states)}`);
+  }
+  return states;
+}
+
+// ---- the tests -----------------------------------------------------------------------------------------------------
+
+describe("browser playground", () => {
+  let mesh;
+  let browser;
+  let scratch;
+
+  before(async () => {
+    scratch = await mkdtemp(path.join(tmpdir(), "blip2mesh-e2e-"));
+    mesh = await startMesh();
+    browser = await launchBrowser();
+  });
+
+  after(async () => {
+    await browser?.close().catch((e) => console.error(`closing chromium: ${e.message}`));
+    await mesh?.stop();
+    if (scratch) await rm(scratch, { recursive: true, force: true });
+  });
+
+  test("captions an image, then answers a question about it by image id, streaming both", async (t) => {
+    const { page, problems, requests } = await openPlayground(browser.context, mesh.http);
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    await page.getByRole("img", { name: "Preview of sample000.png" }).waitFor();
+    assert.equal(await page.getByTestId("preview").evaluate((img) => img.naturalWidth > 0), true, "the preview shows");
+
+    // Caption: empty prompt.
+    await page.getByLabel("Preset").selectOption({ label: "Caption (empty prompt)" });
+    assert.equal(await page.getByLabel("Prompt").inputValue(), "");
+    const caption = await ask(page);
+    assert.equal(caption.state, "done", `caption failed: ${caption.error}`);
+    const states = growth(caption.snapshots);
+    t.diagnostic(`caption streamed as ${JSON.stringify(states)}; first token ${caption.ttft}`);
+    assert.ok(states.length >= 3, `the caption appears over several updates, saw ${JSON.stringify(states)}`);
+    assert.equal(states.at(-1), caption.answer);
+    assert.equal(caption.cacheHit, "no");
+    assert.match(caption.image, /^sent \(/);
+    assert.match(caption.ttft, /^\d+(\.\d+)? (ms|s)$/);
+    assert.match(caption.tps, /^\d+\.\d$/);
+    for (const stage of ["preprocess", "vision", "qformer", "decoder", "total"]) {
+      assert.match(caption.stages[stage] ?? "", new RegExp(`^${stage} \\d+\\.\\d$`), `stage ms for ${stage}`);
+    }
+    await mkdir(path.dirname(SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: SCREENSHOT });
+
+    // Question: the image is not sent again.
+    await page.getByLabel("Preset").selectOption({ value: QUESTION });
+    assert.equal(await page.getByLabel("Prompt").inputValue(), QUESTION);
+    const answer = await ask(page);
+    assert.equal(answer.state, "done", `question failed: ${answer.error}`);
+    assert.ok(answer.answer.length > 0);
+    growth(answer.snapshots);
+    assert.equal(answer.cacheHit, "yes");
+    assert.equal(answer.image, "reused by id (not sent)");
+    assert.equal(answer.stages.vision, undefined, "no vision stage for a cached image");
+
+    const generates = requests.filter((r) => r.path === "/v1/generate");
+    assert.deepEqual(requests.map((r) => r.path), ["/v1/generate", "/v1/generate"], "one upload, no other POSTs");
+    assert.equal(typeof generates[0].body.image, "string");
+    assert.equal(generates[0].body.imageId, undefined);
+    assert.equal(generates[1].body.image, undefined, "the second question does not upload the image again");
+    assert.match(generates[1].body.imageId, /^[0-9a-f]{64}$/);
+    assert.equal(generates[1].body.prompt, QUESTION);
+
+    // The same requests straight through the gRPC API (after the page, so the page's first ask was a cache miss).
+    assert.equal(caption.answer, await grpcAnswer(mesh.grpc, SAMPLE, ""));
+    assert.equal(answer.answer, await grpcAnswer(mesh.grpc, SAMPLE, QUESTION));
+
+    // Fits the 1280x800 window it was designed for.
+    const size = await page.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.scrollHeight]);
+    assert.ok(size[0] <= 1280 && size[1] <= 800, `the page fits 1280x800, it is ${size.join("x")}`);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("sampling options go into the request and give the API's answer", async () => {
+    const { page, problems, requests } = await openPlayground(browser.context, mesh.http);
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    assert.equal(await page.getByLabel("Temperature").isDisabled(), true, "sampling knobs wait for Sample");
+    await page.getByLabel("Sample").check();
+    await page.getByLabel("Temperature").fill("0.7");
+    await page.getByLabel("Top-p").fill("0.9");
+    await page.getByLabel("Seed").fill("3");
+    await page.getByLabel("Max new tokens").fill("12");
+    await page.getByLabel("Prompt").fill(QUESTION);
+    const result = await ask(page);
+    assert.equal(result.state, "done", `sampling failed: ${result.error}`);
+    const options = { maxNewTokens: 12, numBeams: 1, doSample: true, temperature: 0.7, topP: 0.9, seed: 3 };
+    assert.deepEqual(requests[0].body.options, options);
+
+    // The same request through the HTTP/JSON API from node, joined from its NDJSON lines.
+    const body = JSON.stringify({ image: requests[0].body.image, prompt: QUESTION, options });
+    const response = await fetch(`${mesh.http}/v1/generate`, { method: "POST", headers: { "Content-Type": "application/json" }, body });
+    assert.equal(response.status, 200);
+    const text = (await response.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l).text ?? "").join("");
+    assert.equal(result.answer, text);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("a file that is not an image gets the gateway's message, not a stack trace", async () => {
+    const { page, problems } = await openPlayground(browser.context, mesh.http);
+    const notImage = path.join(scratch, "notes.txt");
+    await writeFile(notImage, "this is not an image\n");
+    await page.getByTestId("image-input").setInputFiles(notImage);
+    const result = await ask(page);
+    assert.equal(result.state, "error");
+    assert.equal(result.error, "Invalid argument: image: bytes are not a supported image (PNG, JPEG, WebP, GIF, BMP)");
+    assert.equal(result.answer, "");
+    assert.equal(await page.getByRole("alert").textContent(), result.error);
+    assert.equal(await page.getByText("No preview for this file.").isVisible(), true);
+
+    // A good image afterwards works and clears the error.
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    const retry = await ask(page);
+    assert.equal(retry.state, "done");
+    assert.equal(retry.error, null);
+    assert.equal(await page.getByText("No preview for this file.").isVisible(), false);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("a network failure is reported in words", async () => {
+    const { page, problems } = await openPlayground(browser.context, mesh.http);
+    await page.route("**/v1/generate", (route) => route.abort("connectionrefused"));
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    const result = await ask(page);
+    assert.equal(result.state, "error");
+    assert.match(result.error, /^Could not reach the gateway \(network error\)/);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("a stage that is down is named in the message", async () => {
+    // A lone gateway whose stages are not running: its vision stage is unreachable.
+    const [port, httpPort, vision, qformer, decoder] = await freePorts(5);
+    const gateway = await startProcess(["serve", "gateway", "--model", MODEL, "--port", String(port),
+      "--http-port", String(httpPort), "--vision", `127.0.0.1:${vision}`, "--qformer", `127.0.0.1:${qformer}`,
+      "--decoder", `127.0.0.1:${decoder}`], /Application started/);
+    try {
+      const { page, problems } = await openPlayground(browser.context, `http://127.0.0.1:${httpPort}`);
+      await page.getByTestId("image-input").setInputFiles(SAMPLE);
+      const result = await ask(page);
+      assert.equal(result.state, "error");
+      assert.match(result.error, /^Unavailable: vision stage: .* \(a stage of the mesh is down or unreachable/);
+      assert.deepEqual(problems, []);
+      await page.close();
+    } finally {
+      await gateway.stop();
+    }
+  });
+});
