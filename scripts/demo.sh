@@ -19,7 +19,7 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 grep -q '^ready ' "$log" || { echo "the mesh did not become ready" >&2; exit 1; }
-echo "mesh ready: gRPC $(sed -n 's/^ready //p' "$log"), HTTP $(sed -n 's/^http //p' "$log")"
+echo "mesh ready: gRPC $(sed -n 's/^ready //p' "$log"), playground and JSON API $(sed -n 's/^http //p' "$log")/"
 
 ask() {  # IMAGE PROMPT
   printf '%-14s %-52s → ' "$(basename "$1")" "${2:-(caption)}"
