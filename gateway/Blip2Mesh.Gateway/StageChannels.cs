@@ -17,7 +17,7 @@ public sealed class StageChannels : IDisposable
 {
     public StageChannels(GatewayOptions options, int maxMessageBytes)
     {
-        var ca = options.StageTlsCa is null ? null : X509Certificate2.CreateFromPemFile(options.StageTlsCa);
+        var ca = options.StageTlsCa is null ? null : X509Certificate2.CreateFromPem(File.ReadAllText(options.StageTlsCa));
         Vision = Create("vision", options.Vision, maxMessageBytes, ca);
         QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca);
         Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca);

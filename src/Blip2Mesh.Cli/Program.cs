@@ -50,7 +50,8 @@ catch (UsageException e)
     return 2;
 }
 catch (Exception e) when (e is InvalidGenerationOptionException or InvalidImageException or InvalidDataException
-                              or FileNotFoundException or DirectoryNotFoundException or InvalidOperationException)
+                              or FileNotFoundException or DirectoryNotFoundException or InvalidOperationException
+                              or ArgumentException or System.Security.Cryptography.CryptographicException)
 {
     Console.Error.WriteLine($"blip2mesh: {e.Message}");
     return 1;

@@ -44,7 +44,12 @@ public sealed partial class ServiceProcess : IDisposable
 
     private void WaitServing(TimeSpan timeout)
     {
-        using var channel = GrpcChannel.ForAddress($"http://{Address}");
+        // A TLS service is checked over TLS; which CA signed it is the business of the tests that use it.
+        var tls = _arguments.Contains("--tls-cert");
+        using var channel = GrpcChannel.ForAddress($"{(tls ? "https" : "http")}://{Address}", new GrpcChannelOptions
+        {
+            HttpHandler = new SocketsHttpHandler { SslOptions = { RemoteCertificateValidationCallback = (_, _, _, _) => true } },
+        });
         var health = new Health.HealthClient(channel);
         var deadline = DateTime.UtcNow + timeout;
         while (DateTime.UtcNow < deadline)
