@@ -39,8 +39,12 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
         }
     }, stoppingToken);
 
+    private int _disposed;
+
+    /// <summary>Disposes the model once, though the container holds this both as itself and as a hosted service.</summary>
     public override void Dispose()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) == 1) return;
         if (_ready.Task.IsCompletedSuccessfully && _ready.Task.Result is IDisposable disposable) disposable.Dispose();
         base.Dispose();
     }

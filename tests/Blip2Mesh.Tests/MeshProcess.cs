@@ -14,6 +14,8 @@ public sealed partial class MeshProcess : IDisposable
     public string HttpAddress { get; }
     /// <summary>Service name (vision, qformer, decoder-0, …, gateway) → "127.0.0.1:port".</summary>
     public IReadOnlyDictionary<string, string> Services { get; }
+    /// <summary>Service name → its Prometheus /metrics URL.</summary>
+    public IReadOnlyDictionary<string, string> Metrics { get; }
     public string Log => _log.ToString();
     private readonly System.Text.StringBuilder _log = new();
 
@@ -28,6 +30,7 @@ public sealed partial class MeshProcess : IDisposable
         _process.BeginErrorReadLine();
 
         var services = new Dictionary<string, string>();
+        var metrics = new Dictionary<string, string>();
         var deadline = DateTime.UtcNow.AddMinutes(3);
         string? http = null;
         while (true)
@@ -40,6 +43,7 @@ public sealed partial class MeshProcess : IDisposable
             }
             var parts = read.Result.Split(' ');
             if (parts[0] == "service") services[parts[1]] = parts[2];
+            else if (parts[0] == "metrics") metrics[parts[1]] = parts[2];
             else if (parts[0] == "http") http = parts[1];
             else if (parts[0] == "ready")
             {
@@ -48,6 +52,7 @@ public sealed partial class MeshProcess : IDisposable
             }
         }
         Services = services;
+        Metrics = metrics;
         HttpAddress = http ?? throw new InvalidOperationException("no http address printed");
     }
 

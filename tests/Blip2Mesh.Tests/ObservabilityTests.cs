@@ -1,0 +1,135 @@
+using System.Diagnostics;
+using System.Globalization;
+using Blip2Mesh.Decoder;
+using Blip2Mesh.Gateway;
+using Blip2Mesh.QFormer;
+using Blip2Mesh.ServiceDefaults;
+using Blip2Mesh.Vision;
+using Grpc.Health.V1;
+using Grpc.Net.Client;
+using Microsoft.AspNetCore.Builder;
+using OpenTelemetry;
+using OpenTelemetry.Trace;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>Metrics on every service's /metrics and one trace per request across the mesh.</summary>
+public sealed class ObservabilityTests
+{
+    private static readonly string[] Images = Directory.GetFiles(Path.Combine(Fixtures.Demo, "samples")).Where(f => !f.EndsWith(".json")).Order().Take(3).ToArray();
+
+    private static Dictionary<string, double> Scrape(string url)
+    {
+        using var http = new HttpClient();
+        var values = new Dictionary<string, double>();
+        foreach (var line in http.GetStringAsync(url).GetAwaiter().GetResult().Split('\n'))
+        {
+            if (line.Length == 0 || line[0] == '#') continue;
+            var space = line.LastIndexOf(' ');
+            // Series without the scope label, so tests read "name{labels}" as Prometheus shows them.
+            var series = line[..space].Replace("otel_scope_name=\"Blip2Mesh\",", "").Replace("{otel_scope_name=\"Blip2Mesh\"}", "");
+            values[series] = double.Parse(line[(space + 1)..], CultureInfo.InvariantCulture);
+        }
+        return values;
+    }
+
+    [Fact]
+    public async Task MetricsAfterAFewRequestsHaveSensibleValues()
+    {
+        using var mesh = new MeshProcess(Fixtures.Demo);
+        var client = MeshClients.Gateway(mesh.GatewayAddress, out var channel);
+        using var _ = channel;
+        var generated = 0;
+        const int requests = 9;
+        for (var i = 0; i < requests; i++)
+        {
+            var answer = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[i % Images.Length]), i < 3 ? "" : "Question: how many shapes are there? Answer:"));
+            Assert.Null(answer.Error);
+            generated += answer.TokenIds.Length;
+        }
+
+        var gateway = Scrape(mesh.Metrics["gateway"]);
+        Assert.Equal(requests, gateway["blip2mesh_gateway_request_duration_milliseconds_count{method=\"Generate\"}"]);
+        Assert.InRange(gateway["blip2mesh_gateway_request_duration_milliseconds_sum{method=\"Generate\"}"], 1, 60_000 * requests);
+        Assert.Equal(requests, gateway["blip2mesh_gateway_time_to_first_token_milliseconds_count"]);
+        Assert.True(gateway["blip2mesh_gateway_time_to_first_token_milliseconds_sum"] < gateway["blip2mesh_gateway_request_duration_milliseconds_sum{method=\"Generate\"}"]);
+        Assert.True(gateway["blip2mesh_gateway_tokens_per_second_count"] > 0);
+        Assert.Equal(Images.Length, gateway["blip2mesh_cache_misses_total"]);
+        Assert.Equal(requests - Images.Length, gateway["blip2mesh_cache_hits_total{level=\"l1\"}"]);
+
+        var vision = Scrape(mesh.Metrics["vision"]);
+        Assert.Equal(Images.Length, vision["blip2mesh_stage_requests_total{stage=\"vision\"}"]);
+        Assert.Equal(Images.Length, vision["blip2mesh_stage_duration_milliseconds_count{stage=\"vision\"}"]);
+        Assert.Equal(Images.Length, vision["blip2mesh_batch_size_count{stage=\"vision\"}"]);
+        var qformer = Scrape(mesh.Metrics["qformer"]);
+        Assert.Equal(Images.Length, qformer["blip2mesh_stage_requests_total{stage=\"qformer\"}"]);
+
+        var decoder = Scrape(mesh.Metrics["decoder-0"]);
+        Assert.Equal(requests, decoder["blip2mesh_stage_requests_total{stage=\"decoder\"}"]);
+        Assert.Equal(generated, decoder["blip2mesh_decoder_generated_tokens_total"]);
+        Assert.True(decoder["blip2mesh_batch_size_count{stage=\"decoder\"}"] >= generated / (double)requests);
+        Assert.Equal(0, decoder["blip2mesh_decoder_active_sequences"]);
+        Assert.Equal(0, decoder["blip2mesh_decoder_queue_depth"]);
+    }
+
+    [Fact]
+    public async Task OneTraceSpansGatewayVisionQFormerAndDecoder()
+    {
+        var spans = new List<Activity>();
+        using var tracing = Sdk.CreateTracerProviderBuilder()
+            .AddSource(MeshTelemetry.Name).AddAspNetCoreInstrumentation().AddGrpcClientInstrumentation()
+            .AddInMemoryExporter(spans).Build();
+
+        ServiceOptions Options() => new() { Model = Fixtures.Demo, Port = MeshProcess.FreePort() };
+        var visionOptions = Options();
+        var qformerOptions = Options();
+        var decoderOptions = Options();
+        var gatewayOptions = Options();
+        WebApplication[] apps =
+        [
+            VisionService.Build(visionOptions), QFormerService.Build(qformerOptions), DecoderService.Build(decoderOptions),
+            GatewayService.Build(gatewayOptions, new GatewayOptions
+            {
+                Vision = [$"127.0.0.1:{visionOptions.Port}"], QFormer = [$"127.0.0.1:{qformerOptions.Port}"], Decoder = [$"127.0.0.1:{decoderOptions.Port}"],
+            }),
+        ];
+        try
+        {
+            foreach (var app in apps) await app.StartAsync();
+            foreach (var port in new[] { visionOptions.Port, qformerOptions.Port, decoderOptions.Port })
+            {
+                using var healthChannel = GrpcChannel.ForAddress($"http://127.0.0.1:{port}");
+                var health = new Health.HealthClient(healthChannel);
+                while ((await health.CheckAsync(new HealthCheckRequest())).Status != HealthCheckResponse.Types.ServingStatus.Serving) await Task.Delay(50);
+            }
+            spans.Clear();
+            var client = MeshClients.Gateway($"127.0.0.1:{gatewayOptions.Port}", out var channel);
+            using (channel)
+            {
+                var answer = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[0])));
+                Assert.Null(answer.Error);
+            }
+            tracing.ForceFlush();
+        }
+        finally
+        {
+            foreach (var app in apps)
+            {
+                await app.StopAsync();
+                await app.DisposeAsync();
+            }
+        }
+
+        var servers = spans.Where(s => s.Kind == ActivityKind.Server).ToList();
+        var request = Assert.Single(servers, s => s.DisplayName.Contains("/blip2.v1.Blip2/Generate"));
+        var trace = spans.Where(s => s.TraceId == request.TraceId).ToDictionary(s => s.SpanId);
+        foreach (var stage in new[] { "/blip2mesh.vision.v1.Vision/Embed", "/blip2mesh.qformer.v1.QFormer/Project", "/blip2mesh.decoder.v1.Decoder/Generate" })
+        {
+            // Each stage's server span descends from the gateway's server span of this request.
+            var span = Assert.Single(trace.Values, s => s.Kind == ActivityKind.Server && s.DisplayName.Contains(stage));
+            var ancestors = new List<ActivitySpanId>();
+            for (var parent = span.ParentSpanId; trace.TryGetValue(parent, out var p); parent = p.ParentSpanId) ancestors.Add(parent);
+            Assert.Contains(request.SpanId, ancestors);
+        }
+    }
+}
