@@ -14,7 +14,8 @@ using Polly;
 namespace Blip2Mesh.Gateway;
 
 /// <summary>The public API: embeds images through the vision and Q-Former stages (or the cache) and streams the decoder's answer.</summary>
-public sealed class GatewayService(ImageEmbedder embedder, StageChannels stages, StagePipelines pipelines, T5Tokenizer tokenizer, GenerationLimits limits)
+public sealed class GatewayService(
+    ImageEmbedder embedder, StageChannels stages, StagePipelines pipelines, T5Tokenizer tokenizer, GenerationLimits limits, ILogger<GatewayService> logger)
     : Blip2.Blip2Base
 {
     public override async Task<PutImageResponse> PutImage(PutImageRequest request, ServerCallContext context)
@@ -81,6 +82,8 @@ public sealed class GatewayService(ImageEmbedder embedder, StageChannels stages,
                         response.Usage.StageMs["total"] = timer.ElapsedMs;
                         if (firstTokenMs is { } first && e.GeneratedTokens > 1 && timer.ElapsedMs > first)
                             MeshTelemetry.TokensPerSecond.Record((e.GeneratedTokens - 1) / ((timer.ElapsedMs - first) / 1000));
+                        logger.LogInformation("generated {Tokens} tokens ({FinishReason}) for image {ImageId} in {Milliseconds:F1} ms, cache hit {CacheHit}",
+                            e.GeneratedTokens, e.FinishReason, embedding.ImageId, timer.ElapsedMs, embedding.CacheHit);
                     }
                     // From here on a failure cannot be retried: the caller already has part of the answer.
                     rc.Properties.Set(StagePipelines.StreamStarted, true);
