@@ -13,13 +13,13 @@ namespace Blip2Mesh.Decoder;
 /// <summary>What the decoder stage runs: Flan-T5 (encoder + KV-cached decoder), its tokenizer and the batcher.</summary>
 public sealed class DecoderRuntime : IDisposable
 {
-    public DecoderRuntime(string modelDir, ExecutionOptions execution, int maxRows)
+    public DecoderRuntime(string modelDir, ExecutionOptions execution, int maxRows, long kvBudgetBytes)
     {
         Tokenizer = T5Tokenizer.Load(modelDir);
         Model = Blip2Model.Load(modelDir, new PixelInput.Rgb8(null, null, null), execution);
         Model.Warm(decoder: true);
         Generator = new Generator(Model);
-        Batcher = new ContinuousBatcher(Generator, maxRows,
+        Batcher = new ContinuousBatcher(Generator, maxRows, kvBudgetBytes,
             onStep: rows => MeshTelemetry.BatchSize.Record(rows, new KeyValuePair<string, object?>("stage", "decoder")));
         MeshTelemetry.Meter.CreateObservableGauge("blip2mesh.decoder.active_sequences", () => Batcher.ActiveSequences,
             description: "Requests being decoded now (the autoscaling signal)");
@@ -70,6 +70,10 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         {
             throw new RpcException(new Status(StatusCode.ResourceExhausted, e.Message));
         }
+        catch (ArgumentException e)
+        {
+            throw new RpcException(new Status(StatusCode.ResourceExhausted, e.Message));
+        }
 
         var text = r.Tokenizer.CreateStreamingDecoder();
         var generated = 0;
@@ -92,11 +96,11 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         }, cancellation);
     }
 
-    public static WebApplication Build(ServiceOptions options, int maxBatchRows = 64)
+    public static WebApplication Build(ServiceOptions options, int maxBatchRows = 64, long kvCacheBytes = 1L << 30)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.decoder.v1.Decoder", options);
         builder.Services.AddSingleton(new GenerationLimits());
-        builder.Services.AddSingleton<Func<DecoderRuntime>>(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows));
+        builder.Services.AddSingleton<Func<DecoderRuntime>>(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows, kvCacheBytes));
         builder.Services.AddSingleton<LoadedModel<DecoderRuntime>>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<DecoderRuntime>>());
         var app = builder.Build();

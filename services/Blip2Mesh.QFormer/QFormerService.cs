@@ -8,39 +8,60 @@ using Microsoft.Extensions.DependencyInjection;
 
 namespace Blip2Mesh.QFormer;
 
+/// <summary>The Q-Former and the batcher that runs the requests arriving together as one batch.</summary>
+public sealed class QFormerRuntime : IDisposable
+{
+    public QFormerRuntime(string modelDir, ExecutionOptions execution, BatchingOptions batching)
+    {
+        // The Q-Former never sees pixels; normalisation settings are irrelevant here.
+        Model = Blip2Model.Load(modelDir, new PixelInput.Rgb8(null, null, null), execution);
+        Model.Warm(qformer: true);
+        Batcher = new DynamicBatcher<FloatTensor, FloatTensor>(requests =>
+        {
+            var projected = Model.RunQFormer(requests.Count == 1 ? requests[0] : FloatTensor.Stack(requests)).QueryEmbeds;
+            var outputs = new FloatTensor[requests.Count];
+            for (int i = 0, row = 0; i < requests.Count; row += (int)requests[i].Shape[0], i++)
+                outputs[i] = requests.Count == 1 ? projected : projected.Slice(row, (int)requests[i].Shape[0]);
+            return outputs;
+        }, batching.MaxBatch, batching.MaxDelay, n => MeshTelemetry.BatchSize.Record(n, new KeyValuePair<string, object?>("stage", "qformer")));
+    }
+
+    public Blip2Model Model { get; }
+    public DynamicBatcher<FloatTensor, FloatTensor> Batcher { get; }
+
+    public void Dispose()
+    {
+        Batcher.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        Model.Dispose();
+    }
+}
+
 /// <summary>The Q-Former stage: image embeddings in, projected query embeddings out.</summary>
-public sealed class QFormerService(LoadedModel<Blip2Model> model) : Contracts.QFormer.V1.QFormer.QFormerBase
+public sealed class QFormerService(LoadedModel<QFormerRuntime> runtime) : Contracts.QFormer.V1.QFormer.QFormerBase
 {
     public override async Task Project(IAsyncStreamReader<ProjectRequest> requests, IServerStreamWriter<ProjectResponse> responses, ServerCallContext context)
     {
         await foreach (var request in requests.ReadAllAsync(context.CancellationToken))
         {
-            var m = model.Value;
-            ModelFingerprint.Check(request.ModelFingerprint, m.Checkpoint.Fingerprint, "qformer");
-            var vision = m.Config.Vision;
+            var r = runtime.Value;
+            ModelFingerprint.Check(request.ModelFingerprint, r.Model.Checkpoint.Fingerprint, "qformer");
+            var vision = r.Model.Config.Vision;
             var embeds = TensorCodec.ToFloat(request.ImageEmbeds, "image_embeds", [-1, vision.SequenceLength, vision.HiddenSize],
-                $"the vision output of model {m.Checkpoint.Fingerprint}");
+                $"the vision output of model {r.Model.Checkpoint.Fingerprint}");
             MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "qformer"));
-            MeshTelemetry.BatchSize.Record((int)embeds.Shape[0], new KeyValuePair<string, object?>("stage", "qformer"));
             FloatTensor projected;
             using (MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "qformer"))
-                projected = await Task.Run(() => m.RunQFormer(embeds).QueryEmbeds, context.CancellationToken);
+                projected = await r.Batcher.RunAsync(embeds, context.CancellationToken);
             await responses.WriteAsync(new ProjectResponse { QueryEmbeds = TensorCodec.FromFloat(projected) });
         }
     }
 
-    public static WebApplication Build(ServiceOptions options)
+    public static WebApplication Build(ServiceOptions options, BatchingOptions? batching = null)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.qformer.v1.QFormer", options);
-        builder.Services.AddSingleton<Func<Blip2Model>>(() =>
-        {
-            // The Q-Former never sees pixels; normalisation settings are irrelevant here.
-            var model = Blip2Model.Load(options.Model, new PixelInput.Rgb8(null, null, null), new ExecutionOptions(options.Device));
-            model.Warm(qformer: true);
-            return model;
-        });
-        builder.Services.AddSingleton<LoadedModel<Blip2Model>>();
-        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<Blip2Model>>());
+        builder.Services.AddSingleton<Func<QFormerRuntime>>(() => new QFormerRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
+        builder.Services.AddSingleton<LoadedModel<QFormerRuntime>>();
+        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<QFormerRuntime>>());
         var app = builder.Build();
         app.MapGrpcService<QFormerService>();
         app.MapMeshEndpoints();

@@ -29,8 +29,8 @@ internal static class ServeCommand
 
         var app = stage switch
         {
-            "vision" => Done(args, VisionService.Build(options)),
-            "qformer" => Done(args, QFormerService.Build(options)),
+            "vision" => VisionService.Build(options, Batching(args)),
+            "qformer" => QFormerService.Build(options, Batching(args)),
             "decoder" => DecoderApp(args, options),
             "gateway" => GatewayApp(args, options),
             _ => throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)"),
@@ -39,17 +39,21 @@ internal static class ServeCommand
         return 0;
     }
 
-    private static Microsoft.AspNetCore.Builder.WebApplication Done(Args args, Microsoft.AspNetCore.Builder.WebApplication app)
+    /// <summary>--max-batch N (8) and --max-batch-delay-ms M (0: batch only what arrives while the model is busy).</summary>
+    private static BatchingOptions Batching(Args args)
     {
+        var batching = new BatchingOptions(args.Int("max-batch") ?? 8, TimeSpan.FromMilliseconds(args.Float("max-batch-delay-ms") ?? 0));
         args.EnsureAllUsed();
-        return app;
+        if (batching.MaxBatch < 1) throw new UsageException("--max-batch must be at least 1");
+        return batching;
     }
 
     private static Microsoft.AspNetCore.Builder.WebApplication DecoderApp(Args args, ServiceOptions options)
     {
         var rows = args.Int("max-batch-rows") ?? 64;
+        var kvCacheMb = args.Int("kv-cache-mb") ?? 1024;
         args.EnsureAllUsed();
-        return DecoderService.Build(options, rows);
+        return DecoderService.Build(options, rows, (long)kvCacheMb << 20);
     }
 
     private static Microsoft.AspNetCore.Builder.WebApplication GatewayApp(Args args, ServiceOptions options)

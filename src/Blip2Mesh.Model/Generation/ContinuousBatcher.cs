@@ -4,12 +4,15 @@ namespace Blip2Mesh.Model.Generation;
 
 /// <summary>
 /// Continuous batching: every active request advances together, one batched decoder step at a time; requests
-/// join and leave at step boundaries. A request whose caller cancels leaves at the next boundary and frees its rows.
+/// join and leave at step boundaries. Admission is decided by a KV-cache memory budget (each request reserves what
+/// its cache can grow to) and a cap on rows per step; the rest wait in a bounded queue. A request whose caller
+/// cancels leaves at the next boundary and frees its reservation.
 /// </summary>
 public sealed class ContinuousBatcher : IAsyncDisposable
 {
     private readonly Generator _generator;
     private readonly int _maxRows;
+    private readonly long _kvBudgetBytes;
     private readonly int _maxQueued;
     private readonly Action<int>? _onStep;
     private readonly Channel<Sequence> _incoming = Channel.CreateUnbounded<Sequence>(new UnboundedChannelOptions { SingleReader = true });
@@ -20,12 +23,14 @@ public sealed class ContinuousBatcher : IAsyncDisposable
 
     private sealed record Sequence(DecodingState State, ChannelWriter<IReadOnlyList<int>> Tokens, CancellationToken Cancellation);
 
-    /// <param name="maxRows">Most decoder rows (a beam is a row) stepped together; more requests wait in the queue.</param>
+    /// <param name="maxRows">Most decoder rows (a beam is a row) stepped together.</param>
+    /// <param name="kvBudgetBytes">KV cache the admitted requests may reserve together.</param>
     /// <param name="maxQueued">Most requests waiting; beyond it <see cref="Submit"/> refuses with <see cref="QueueFullException"/>.</param>
     /// <param name="onStep">Told the number of rows of every step (for the batch-size metric).</param>
-    public ContinuousBatcher(Generator generator, int maxRows = 64, int maxQueued = 1024, Action<int>? onStep = null)
+    public ContinuousBatcher(Generator generator, int maxRows = 64, long kvBudgetBytes = 1L << 30, int maxQueued = 1024, Action<int>? onStep = null)
     {
         _generator = generator;
+        _kvBudgetBytes = kvBudgetBytes;
         _onStep = onStep;
         _maxRows = maxRows;
         _maxQueued = maxQueued;
@@ -41,6 +46,8 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     public IAsyncEnumerable<IReadOnlyList<int>> Submit(DecodingState state, CancellationToken cancellation)
     {
         if (state.Rows > _maxRows) throw new ArgumentException($"the request needs {state.Rows} rows but a batch holds at most {_maxRows}");
+        if (state.KvCacheBytes > _kvBudgetBytes)
+            throw new ArgumentException($"the request needs {state.KvCacheBytes >> 20} MB of KV cache, more than the decoder's whole budget of {_kvBudgetBytes >> 20} MB");
         if (Interlocked.Increment(ref _queued) > _maxQueued)
         {
             Interlocked.Decrement(ref _queued);
@@ -66,11 +73,14 @@ public sealed class ContinuousBatcher : IAsyncDisposable
                 catch (OperationCanceledException) { break; }
             }
             var rows = active.Sum(s => s.State.Rows);
-            while (_incoming.Reader.TryPeek(out var next) && rows + next.State.Rows <= _maxRows && _incoming.Reader.TryRead(out next))
+            var reserved = active.Sum(s => s.State.KvCacheBytes);
+            while (_incoming.Reader.TryPeek(out var next) && rows + next.State.Rows <= _maxRows
+                   && reserved + next.State.KvCacheBytes <= _kvBudgetBytes && _incoming.Reader.TryRead(out next))
             {
                 Interlocked.Decrement(ref _queued);
                 active.Add(next);
                 rows += next.State.Rows;
+                reserved += next.State.KvCacheBytes;
             }
             foreach (var cancelled in active.Where(s => s.Cancellation.IsCancellationRequested).ToList())
             {

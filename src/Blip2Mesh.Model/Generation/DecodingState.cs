@@ -46,6 +46,13 @@ public sealed class DecodingState
     }
 
     public int Rows => _rows.Length;
+
+    /// <summary>
+    /// Bytes of KV cache this request can grow to (self-attention to its full length, plus cross-attention),
+    /// reserved when it is admitted to a batch.
+    /// </summary>
+    public long KvCacheBytes => (long)_options.NumBeams * _text.NumDecoderLayers * 2 * _text.NumHeads * _text.DKv * sizeof(float)
+        * (_maxLength + EncoderMask.Length / _options.NumBeams);
     public int Length => _rows[0].Count;
     public bool IsFinished { get; private set; }
     public FloatTensor[] PastKeys { get; private set; }

@@ -1,0 +1,135 @@
+using Blip2Mesh.Model.Generation;
+using Blip2Mesh.Model.Runtime;
+using Blip2Mesh.ServiceDefaults;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>Continuous batching in the decoder and dynamic batching in the encoder stages give unbatched results.</summary>
+public sealed class BatchingTests
+{
+    private const string Checkpoint = "blip2-tiny-a";
+    private static Model.Pipeline.Blip2Pipeline Pipeline => Fixtures.Pipeline(Checkpoint);
+
+    private static FloatTensor Queries(int image) => Fixtures.ReadTensor(Fixtures.Tensors(Checkpoint), $"img{image}/language_projection");
+
+    private static DecodingState Start(int image, string prompt, GenerationOptions options) =>
+        Pipeline.Generator.Start(Queries(image), Pipeline.Tokenizer.Encode(prompt), options);
+
+    private static IReadOnlyList<int> Alone(int image, string prompt, GenerationOptions options)
+    {
+        var state = Start(image, prompt, options);
+        _ = Pipeline.Generator.Run(state).ToList();
+        return state.Results[0].Ids;
+    }
+
+    private static async Task<List<int>> Collect(IAsyncEnumerable<IReadOnlyList<int>> tokens)
+    {
+        var all = new List<int>();
+        await foreach (var step in tokens) all.AddRange(step);
+        return all;
+    }
+
+    [Fact]
+    public async Task RequestsJoiningAMovingBatchDecodeExactlyAsAlone()
+    {
+        (int Image, string Prompt, GenerationOptions Options)[] requests =
+        [
+            (0, "a photo of", new GenerationOptions { MaxNewTokens = 30, MinNewTokens = 30 }),
+            (3, "", new GenerationOptions { NumBeams = 4 }),
+            (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
+            (6, "a photo of", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
+        ];
+        await using var batcher = new ContinuousBatcher(Pipeline.Generator);
+        var first = Start(requests[0].Image, requests[0].Prompt, requests[0].Options);
+        var firstTokens = new List<int>();
+        var others = new List<(DecodingState State, Task<List<int>> Tokens)>();
+        // The others join one by one while the first is mid-way, so rows of different lengths share steps.
+        await foreach (var step in batcher.Submit(first, CancellationToken.None))
+        {
+            firstTokens.AddRange(step);
+            if (firstTokens.Count is 3 or 7 or 12 && others.Count < requests.Length - 1)
+            {
+                var (image, prompt, options) = requests[others.Count + 1];
+                var state = Start(image, prompt, options);
+                others.Add((state, Collect(batcher.Submit(state, CancellationToken.None))));
+            }
+        }
+        Assert.Equal(Alone(requests[0].Image, requests[0].Prompt, requests[0].Options), first.Results[0].Ids);
+        for (var k = 0; k < others.Count; k++)
+        {
+            var (image, prompt, options) = requests[k + 1];
+            var streamed = await others[k].Tokens;
+            Assert.Equal(Alone(image, prompt, options), others[k].State.Results[0].Ids);
+            Assert.Equal(others[k].State.Results[0].Ids.Skip(1), streamed);
+        }
+    }
+
+    [Fact]
+    public async Task TheKvBudgetQueuesWhatDoesNotFitAndTheQueueIsBounded()
+    {
+        var options = new GenerationOptions { MaxNewTokens = 20, MinNewTokens = 20 };
+        var longer = new GenerationOptions { MaxNewTokens = 400, MinNewTokens = 400 };
+        var one = Start(1, "a photo of", longer);
+        await using var batcher = new ContinuousBatcher(Pipeline.Generator, kvBudgetBytes: one.KvCacheBytes, maxQueued: 2);
+        var second = Start(2, "a photo of", options);
+        var third = Start(4, "a photo of", options);
+        var fourth = Start(5, "", options);
+        // Once the first is decoding, the others wait: its reservation takes the whole budget.
+        var firstTokens = batcher.Submit(one, CancellationToken.None).GetAsyncEnumerator();
+        Assert.True(await firstTokens.MoveNextAsync());
+        var a = Collect(Rest(firstTokens));
+        var b = Collect(batcher.Submit(second, CancellationToken.None));
+        var c = Collect(batcher.Submit(third, CancellationToken.None));
+        Assert.Throws<QueueFullException>(() => batcher.Submit(fourth, CancellationToken.None));
+        Assert.Equal(2, batcher.QueueDepth);
+        await Task.WhenAll(a, b, c);
+        Assert.Equal(Alone(1, "a photo of", longer).Skip(1), await a);
+        Assert.Equal(Alone(2, "a photo of", options).Skip(1), await b);
+        Assert.Equal(Alone(4, "a photo of", options).Skip(1), await c);
+        var huge = Start(1, "", new GenerationOptions { NumBeams = 8, MaxNewTokens = 500 });
+        var error = Assert.Throws<ArgumentException>(() => batcher.Submit(huge, CancellationToken.None));
+        Assert.Contains("KV cache", error.Message);
+    }
+
+    private static async IAsyncEnumerable<IReadOnlyList<int>> Rest(IAsyncEnumerator<IReadOnlyList<int>> started)
+    {
+        yield return started.Current;
+        while (await started.MoveNextAsync()) yield return started.Current;
+    }
+
+    [Fact]
+    public void VisionAndQFormerBatchesEqualSingleImages()
+    {
+        var model = Pipeline.Model;
+        var images = new[] { 0, 3, 6 }.Select(i => Pipeline.Images.ToModelSize(File.ReadAllBytes(Path.Combine(Fixtures.TinyA,
+            Fixtures.Image(Checkpoint, i).GetProperty("file").GetString()!)))).ToList();
+        var batched = model.EmbedRgb(images.SelectMany(i => i.Pixels).ToArray(), images.Count);
+        var projected = model.RunQFormer(batched).QueryEmbeds;
+        for (var k = 0; k < images.Count; k++)
+        {
+            var single = model.EmbedRgb(images[k].Pixels, 1);
+            Assert.Equal(0f, Fixtures.MaxAbsDiff(batched.Slice(k, 1), single));
+            Assert.Equal(0f, Fixtures.MaxAbsDiff(projected.Slice(k, 1), model.RunQFormer(single).QueryEmbeds));
+        }
+    }
+
+    [Fact]
+    public async Task TheDynamicBatcherRunsWhatArrivesWhileBusyAsOneBatch()
+    {
+        var sizes = new List<int>();
+        using var gate = new SemaphoreSlim(0);
+        await using var batcher = new DynamicBatcher<int, int>(inputs =>
+        {
+            if (sizes.Count == 0) gate.Wait();
+            sizes.Add(inputs.Count);
+            return inputs.Select(x => x * 10).ToList();
+        }, maxBatch: 4, maxDelay: TimeSpan.Zero);
+        var first = batcher.RunAsync(1, CancellationToken.None);
+        await Task.Delay(100);
+        var waiting = Enumerable.Range(2, 6).Select(x => batcher.RunAsync(x, CancellationToken.None)).ToList();
+        gate.Release();
+        Assert.Equal(10, await first);
+        Assert.Equal(Enumerable.Range(2, 6).Select(x => x * 10), await Task.WhenAll(waiting));
+        Assert.Equal([1, 4, 2], sizes);
+    }
+}
