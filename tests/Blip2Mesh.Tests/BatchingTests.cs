@@ -65,28 +65,30 @@ public sealed class BatchingTests
     }
 
     [Fact]
-    public async Task TheKvBudgetQueuesWhatDoesNotFitAndTheQueueIsBounded()
+    public async Task TheKvBudgetQueuesWhatDoesNotFitAndCancellationFreesIt()
     {
         var options = new GenerationOptions { MaxNewTokens = 20, MinNewTokens = 20 };
-        var longer = new GenerationOptions { MaxNewTokens = 400, MinNewTokens = 400 };
-        var one = Start(1, "a photo of", longer);
-        await using var batcher = new ContinuousBatcher(Pipeline.Generator, kvBudgetBytes: one.KvCacheBytes, maxQueued: 2);
+        // A request that would decode for a long time and reserves the whole budget.
+        var hog = Start(1, "a photo of", new GenerationOptions { MaxNewTokens = 5000, MinNewTokens = 5000 });
+        await using var batcher = new ContinuousBatcher(Pipeline.Generator, kvBudgetBytes: hog.KvCacheBytes, maxQueued: 2);
         var second = Start(2, "a photo of", options);
         var third = Start(4, "a photo of", options);
         var fourth = Start(5, "", options);
-        // Once the first is decoding, the others wait: its reservation takes the whole budget.
-        var firstTokens = batcher.Submit(one, CancellationToken.None).GetAsyncEnumerator();
-        Assert.True(await firstTokens.MoveNextAsync());
-        var a = Collect(Rest(firstTokens));
+        using var cancelHog = new CancellationTokenSource();
+        var hogTokens = batcher.Submit(hog, cancelHog.Token).GetAsyncEnumerator();
+        Assert.True(await hogTokens.MoveNextAsync());
+
         var b = Collect(batcher.Submit(second, CancellationToken.None));
         var c = Collect(batcher.Submit(third, CancellationToken.None));
         Assert.Throws<QueueFullException>(() => batcher.Submit(fourth, CancellationToken.None));
         Assert.Equal(2, batcher.QueueDepth);
-        await Task.WhenAll(a, b, c);
-        Assert.Equal(Alone(1, "a photo of", longer).Skip(1), await a);
+        Assert.Equal(1, batcher.ActiveSequences);
+
+        await cancelHog.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => { while (await hogTokens.MoveNextAsync()) { } });
         Assert.Equal(Alone(2, "a photo of", options).Skip(1), await b);
         Assert.Equal(Alone(4, "a photo of", options).Skip(1), await c);
-        var huge = Start(1, "", new GenerationOptions { NumBeams = 8, MaxNewTokens = 500 });
+        var huge = Start(1, "", new GenerationOptions { NumBeams = 8, MaxNewTokens = 6000 });
         var error = Assert.Throws<ArgumentException>(() => batcher.Submit(huge, CancellationToken.None));
         Assert.Contains("KV cache", error.Message);
     }
