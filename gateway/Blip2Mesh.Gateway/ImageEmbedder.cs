@@ -105,32 +105,30 @@ public sealed class ImageEmbedder(
         var size = config.Vision.ImageSize;
         var pixels = TensorCodec.FromUInt8(resized.Pixels, 1, size, size, 3);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var imageEmbeds = await CallAsync("vision", pipelines.Vision, context, async ct =>
-        {
-            using var call = new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(deadline: context.Deadline, cancellationToken: ct);
-            await call.RequestStream.WriteAsync(new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, ct);
-            await call.RequestStream.CompleteAsync();
-            return await SingleResponse(call.ResponseStream, ct, r => r.ImageEmbeds);
-        });
+        var imageEmbeds = await CallEncoderStageAsync("vision", pipelines.Vision, context,
+            ct => new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(deadline: context.Deadline, cancellationToken: ct),
+            new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, r => r.ImageEmbeds);
         stageMs["vision"] = clock.Elapsed.TotalMilliseconds;
 
         clock.Restart();
-        var queryEmbeds = await CallAsync("qformer", pipelines.QFormer, context, async ct =>
-        {
-            using var call = new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(deadline: context.Deadline, cancellationToken: ct);
-            await call.RequestStream.WriteAsync(new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, ct);
-            await call.RequestStream.CompleteAsync();
-            return await SingleResponse(call.ResponseStream, ct, r => r.QueryEmbeds);
-        });
+        var queryEmbeds = await CallEncoderStageAsync("qformer", pipelines.QFormer, context,
+            ct => new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(deadline: context.Deadline, cancellationToken: ct),
+            new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, r => r.QueryEmbeds);
         stageMs["qformer"] = clock.Elapsed.TotalMilliseconds;
         return TensorCodec.ToFloat(queryEmbeds, "query_embeds", QueryShape, "the Q-Former output");
     }
 
-    private static async Task<ProtoTensor> SingleResponse<T>(IAsyncStreamReader<T> responses, CancellationToken ct, Func<T, ProtoTensor> pick)
-    {
-        if (!await responses.MoveNext(ct)) throw new RpcException(new Status(StatusCode.Internal, "the stage closed its stream without a response"));
-        return pick(responses.Current);
-    }
+    /// <summary>One request on an encoder stage's stream, its one response's tensor back, through the stage's pipeline.</summary>
+    private static Task<ProtoTensor> CallEncoderStageAsync<TRequest, TResponse>(string stage, ResiliencePipeline pipeline, ServerCallContext context,
+        Func<CancellationToken, AsyncDuplexStreamingCall<TRequest, TResponse>> open, TRequest request, Func<TResponse, ProtoTensor> pick) =>
+        CallAsync(stage, pipeline, context, async ct =>
+        {
+            using var call = open(ct);
+            await call.RequestStream.WriteAsync(request, ct);
+            await call.RequestStream.CompleteAsync();
+            if (!await call.ResponseStream.MoveNext(ct)) throw new RpcException(new Status(StatusCode.Internal, "the stage closed its stream without a response"));
+            return pick(call.ResponseStream.Current);
+        });
 
     /// <summary>Runs a stage call through its resilience pipeline; a failure reaches the caller with the stage named.</summary>
     public static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, ServerCallContext context, Func<CancellationToken, Task<T>> call)

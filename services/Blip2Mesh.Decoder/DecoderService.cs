@@ -100,9 +100,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.decoder.v1.Decoder", options);
         builder.Services.AddSingleton(new GenerationLimits());
-        builder.Services.AddSingleton<Func<DecoderRuntime>>(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows, kvCacheBytes));
-        builder.Services.AddSingleton<LoadedModel<DecoderRuntime>>();
-        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<DecoderRuntime>>());
+        builder.Services.AddLoadedModel(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows, kvCacheBytes));
         var app = builder.Build();
         app.MapGrpcService<DecoderService>();
         app.MapMeshEndpoints();

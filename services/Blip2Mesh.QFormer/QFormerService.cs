@@ -59,9 +59,7 @@ public sealed class QFormerService(LoadedModel<QFormerRuntime> runtime) : Contra
     public static WebApplication Build(ServiceOptions options, BatchingOptions? batching = null)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.qformer.v1.QFormer", options);
-        builder.Services.AddSingleton<Func<QFormerRuntime>>(() => new QFormerRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
-        builder.Services.AddSingleton<LoadedModel<QFormerRuntime>>();
-        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<QFormerRuntime>>());
+        builder.Services.AddLoadedModel(() => new QFormerRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
         var app = builder.Build();
         app.MapGrpcService<QFormerService>();
         app.MapMeshEndpoints();

@@ -58,9 +58,7 @@ public sealed class VisionService(LoadedModel<VisionRuntime> runtime) : Contract
     public static WebApplication Build(ServiceOptions options, BatchingOptions? batching = null)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.vision.v1.Vision", options);
-        builder.Services.AddSingleton<Func<VisionRuntime>>(() => new VisionRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
-        builder.Services.AddSingleton<LoadedModel<VisionRuntime>>();
-        builder.Services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<VisionRuntime>>());
+        builder.Services.AddLoadedModel(() => new VisionRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
         var app = builder.Build();
         app.MapGrpcService<VisionService>();
         app.MapMeshEndpoints();

@@ -1,8 +1,21 @@
 using Grpc.Core;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
 namespace Blip2Mesh.ServiceDefaults;
+
+public static class LoadedModelRegistration
+{
+    /// <summary>Registers <see cref="LoadedModel{T}"/>: <paramref name="load"/> runs in the background once the host has started.</summary>
+    public static IServiceCollection AddLoadedModel<T>(this IServiceCollection services, Func<T> load) where T : class
+    {
+        services.AddSingleton(load);
+        services.AddSingleton<LoadedModel<T>>();
+        services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<T>>());
+        return services;
+    }
+}
 
 /// <summary>
 /// Loads a service's model in the background once the host has started, so health answers NOT_SERVING while it
