@@ -23,7 +23,7 @@ internal static partial class BenchCommand
     /// <summary>One measured request: wall latency, time to the first message carrying tokens, tokens, and decoder time (T5 encoder + steps).</summary>
     private sealed record Sample(double LatencyMs, double TtftMs, int Tokens, double DecoderMs);
 
-    private sealed record RunResult(string Mode, int Concurrency, int Requests, double WallSeconds, IReadOnlyList<Sample> Samples, int Errors);
+    private sealed record RunResult(string Mode, int Concurrency, int Requests, double WallSeconds, IReadOnlyList<Sample> Samples, int Errors, double WarmupSeconds);
 
     public static int Run(string[] argv)
     {
@@ -104,6 +104,8 @@ internal static partial class BenchCommand
             ["prompt"] = prompt,
             ["images"] = uniqueImages ? "unique" : images.Count,
             ["load_s"] = Round(loadSeconds),
+            // Stage sessions are built on first use: the first warm-up request includes building them.
+            ["first_request_s"] = runs.Count > 0 ? Round(runs[0].WarmupSeconds) : null,
             ["vision_qformer_ms_per_image"] = imageMs is { } ms ? Round(ms) : null,
             ["decoder_ms_per_token_c1"] = msPerToken is { } t ? Round(t) : null,
         };
@@ -119,7 +121,9 @@ internal static partial class BenchCommand
     private static RunResult RunAt(IBenchTarget target, int concurrency, int requests, IReadOnlyList<byte[]> images, string prompt, GenerationOptions options)
     {
         // A warm-up request first, not counted: it builds sessions, fills caches and JIT-compiles the paths.
+        var warmup = Stopwatch.StartNew();
         target.RunAsync(images[0], prompt, options).GetAwaiter().GetResult();
+        var warmupSeconds = warmup.Elapsed.TotalSeconds;
 
         var samples = new ConcurrentBag<Sample>();
         var errors = 0;
@@ -149,7 +153,7 @@ internal static partial class BenchCommand
         DrawProgress(target.Mode, concurrency, requests, requests, wall);
         Console.Error.WriteLine();
         if (firstError is not null) Console.Error.WriteLine($"bench: {errors} request(s) failed at concurrency {concurrency}; first: {firstError}");
-        return new RunResult(target.Mode, concurrency, requests, wall.TotalSeconds, samples.ToList(), errors);
+        return new RunResult(target.Mode, concurrency, requests, wall.TotalSeconds, samples.ToList(), errors, warmupSeconds);
     }
 
     private static readonly Lock ProgressLock = new();
@@ -286,11 +290,15 @@ internal static partial class BenchCommand
         try
         {
             var line = File.ReadLines($"/proc/{pid}/status").FirstOrDefault(l => l.StartsWith("VmHWM:", StringComparison.Ordinal));
-            return line is null ? null : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) / 1024.0;
+            return line is null ? null : KiB(line) / 1024.0;
         }
-        catch (IOException) { return null; }
+        catch (Exception e) when (e is IOException or FormatException) { return null; }
         catch (UnauthorizedAccessException) { return null; }
     }
+
+    /// <summary>The number of a /proc line such as "VmHWM:\t18495636 kB" (a tab, not always spaces, follows the colon).</summary>
+    private static long KiB(string line) =>
+        long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
 
     private static string Machine()
     {
@@ -300,9 +308,9 @@ internal static partial class BenchCommand
         {
             cpu = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim();
             var mem = File.ReadLines("/proc/meminfo").FirstOrDefault(l => l.StartsWith("MemTotal:", StringComparison.Ordinal));
-            if (mem is not null) memoryGb = long.Parse(mem.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) / 1024.0 / 1024.0;
+            if (mem is not null) memoryGb = KiB(mem) / 1024.0 / 1024.0;
         }
-        catch (IOException) { }
+        catch (Exception e) when (e is IOException or FormatException) { }
         return string.Create(CultureInfo.InvariantCulture,
             $"{cpu ?? RuntimeInformation.ProcessArchitecture.ToString()}, {Environment.ProcessorCount} cores, {memoryGb:F1} GB RAM, {RuntimeInformation.OSDescription}");
     }
