@@ -18,6 +18,11 @@ const string Usage = """
                 vision, qformer: [--max-batch N] [--max-batch-delay-ms M]
       up        --model DIR [--port P] [--http-port N] [--decoder-replicas N] [--redis HOST:PORT]   the whole mesh on 127.0.0.1
       caption   IMAGE [--prompt TEXT] [--addr HOST:PORT] [generation options]  ask a running gateway
+      synth     --like DIR|blip2-flan-t5-xl --out DIR [--dtype float32|float16|bfloat16] [--seed N] [--shard-mb N]
+                a random-weight checkpoint with the exact config, tensor names and shapes (sharded safetensors)
+      bench     --model DIR (--in-process | --mesh | --addr HOST:PORT [--pids NAME=PID,...]) [--concurrency 1,4,16]
+                [--requests N] [--max-new-tokens N] [--prompt TEXT] [--images DIR | --unique-images] [--device cpu|cuda]
+                [--decoder-replicas N] [--out report.json]   latency, time to first token and throughput per concurrency
 
     generation options: --max-new-tokens N --min-new-tokens N --num-beams N --length-penalty X
       --do-sample --temperature X --top-k N --top-p X --seed N --repetition-penalty X --no-repeat-ngram-size N
@@ -41,6 +46,8 @@ try
         "serve" => ServeCommand.Run(args[1..]),
         "up" => UpCommand.Run(args[1..]),
         "caption" => CaptionCommand.Run(args[1..]),
+        "synth" => SynthCommand.Run(args[1..]),
+        "bench" => BenchCommand.Run(args[1..]),
         _ => throw new UsageException($"unknown command '{args[0]}'"),
     };
 }

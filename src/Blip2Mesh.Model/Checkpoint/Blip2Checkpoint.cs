@@ -10,11 +10,26 @@ public sealed record WeightRef(SafetensorsFile File, SafetensorsEntry Entry)
     public string Name => Entry.Name;
 }
 
+/// <summary>Where a weight's bytes are, as an ONNX external-data reference: a file relative to the model folder, offset and length.</summary>
+public sealed record WeightLocation(string Name, TensorDType DType, long[] Shape, string Location, long Offset, long Length);
+
+/// <summary>
+/// What the graph builder reads weights from: the model's config, which optional weights exist, and where each
+/// weight (checked against the shape the model expects) lives. A <see cref="Blip2Checkpoint"/> is one; a recorder
+/// that lists every weight the graphs ask for (see <see cref="WeightRecorder"/>) is another.
+/// </summary>
+public interface IWeightSource
+{
+    Blip2Config Config { get; }
+    bool Has(string name);
+    WeightLocation Describe(string name, long[] expectedShape);
+}
+
 /// <summary>
 /// A Hugging Face BLIP-2 snapshot directory: config.json plus model.safetensors or the shards listed in
 /// model.safetensors.index.json. Weights stay memory-mapped; nothing is read until a graph needs it.
 /// </summary>
-public sealed class Blip2Checkpoint : IDisposable
+public sealed class Blip2Checkpoint : IWeightSource, IDisposable
 {
     private const string SingleFile = "model.safetensors";
     private const string IndexFile = "model.safetensors.index.json";
@@ -85,6 +100,12 @@ public sealed class Blip2Checkpoint : IDisposable
             throw new InvalidDataException(
                 $"{weight.File.Path}: weight '{name}' has shape [{string.Join(", ", weight.Entry.Shape)}], expected [{string.Join(", ", expectedShape)}] from config.json");
         return weight;
+    }
+
+    public WeightLocation Describe(string name, long[] expectedShape)
+    {
+        var weight = Weight(name, expectedShape);
+        return new WeightLocation(name, weight.Entry.DType, weight.Entry.Shape, Path.GetRelativePath(Directory, weight.File.Path), weight.Entry.Offset, weight.Entry.Length);
     }
 
     private string ComputeFingerprint(string configPath)

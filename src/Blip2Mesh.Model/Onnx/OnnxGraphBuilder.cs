@@ -30,19 +30,20 @@ public sealed class OnnxGraphBuilder
     public const string MicrosoftDomain = "com.microsoft";
     private const int Opset = 17;
 
-    private readonly Blip2Checkpoint _checkpoint;
+    private readonly IWeightSource _weightSource;
     private readonly GraphProto _graph;
     private readonly Dictionary<string, string> _weights = new(StringComparer.Ordinal);
     private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
     private readonly HashSet<string> _nodeNames = new(StringComparer.Ordinal);
 
-    public OnnxGraphBuilder(Blip2Checkpoint checkpoint, string graphName)
+    /// <param name="weights">A checkpoint, or anything else that can say where each weight lives (see <see cref="IWeightSource"/>).</param>
+    public OnnxGraphBuilder(IWeightSource weights, string graphName)
     {
-        _checkpoint = checkpoint;
+        _weightSource = weights;
         _graph = new GraphProto { Name = graphName };
     }
 
-    public Blip2Config Config => _checkpoint.Config;
+    public Blip2Config Config => _weightSource.Config;
 
     /// <summary>Declares a graph input; a dimension is a long (fixed) or a string (symbolic).</summary>
     public string Input(string name, TensorProto.Types.DataType type, params object[] dims)
@@ -91,26 +92,26 @@ public sealed class OnnxGraphBuilder
     public string Weight(string hfName, params long[] shape)
     {
         if (_weights.TryGetValue(hfName, out var existing)) return existing;
-        var weight = _checkpoint.Weight(hfName, shape);
+        var weight = _weightSource.Describe(hfName, shape);
         var tensor = new TensorProto
         {
             Name = hfName,
-            DataType = (int)ToOnnx(weight.Entry.DType),
+            DataType = (int)ToOnnx(weight.DType),
             DataLocation = TensorProto.Types.DataLocation.External,
         };
-        tensor.Dims.AddRange(weight.Entry.Shape);
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = Path.GetRelativePath(_checkpoint.Directory, weight.File.Path) });
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = weight.Entry.Offset.ToString() });
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = weight.Entry.Length.ToString() });
+        tensor.Dims.AddRange(weight.Shape);
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = weight.Location });
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = weight.Offset.ToString() });
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = weight.Length.ToString() });
         _graph.Initializer.Add(tensor);
-        var value = weight.Entry.DType == TensorDType.Float32
+        var value = weight.DType == TensorDType.Float32
             ? hfName
             : Op("Cast", $"/weights/{hfName}/Cast", [hfName], Attr.Int("to", (long)TensorProto.Types.DataType.Float));
         _weights[hfName] = value;
         return value;
     }
 
-    public bool HasWeight(string hfName) => _checkpoint.Has(hfName);
+    public bool HasWeight(string hfName) => _weightSource.Has(hfName);
 
     public string Floats(float[] values, params long[] dims) =>
         Constant(TensorProto.Types.DataType.Float, MemoryMarshal.AsBytes(values.AsSpan()), dims);
