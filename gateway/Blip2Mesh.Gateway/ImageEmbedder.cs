@@ -93,7 +93,7 @@ public sealed class ImageEmbedder(
         {
             try
             {
-                resized = await Task.Run(() => images.ToModelSize(image.Span));
+                resized = images.ToModelSize(image.Span);
             }
             catch (InvalidImageException e)
             {

@@ -60,7 +60,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "decoder"));
         using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
         var cancellation = context.CancellationToken;
-        var state = await Task.Run(() => r.Generator.Start(queries, promptIds, options), cancellation);
+        var state = r.Generator.Start(queries, promptIds, options);
         IAsyncEnumerable<IReadOnlyList<int>> tokens;
         try
         {
@@ -100,7 +100,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.decoder.v1.Decoder", options);
         builder.Services.AddSingleton(new GenerationLimits());
-        builder.Services.AddLoadedModel(() => new DecoderRuntime(options.Model, new ExecutionOptions(options.Device), maxBatchRows, kvCacheBytes));
+        builder.Services.AddLoadedModel(() => new DecoderRuntime(options.Model, options.Execution, maxBatchRows, kvCacheBytes));
         var app = builder.Build();
         app.MapGrpcService<DecoderService>();
         app.MapMeshEndpoints();

@@ -29,11 +29,7 @@ public sealed class QFormerRuntime : IDisposable
     public Blip2Model Model { get; }
     public DynamicBatcher<FloatTensor, FloatTensor> Batcher { get; }
 
-    public void Dispose()
-    {
-        Batcher.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        Model.Dispose();
-    }
+    public void Dispose() => Model.Dispose();
 }
 
 /// <summary>The Q-Former stage: image embeddings in, projected query embeddings out.</summary>
@@ -59,7 +55,7 @@ public sealed class QFormerService(LoadedModel<QFormerRuntime> runtime) : Contra
     public static WebApplication Build(ServiceOptions options, BatchingOptions? batching = null)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.qformer.v1.QFormer", options);
-        builder.Services.AddLoadedModel(() => new QFormerRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
+        builder.Services.AddLoadedModel(() => new QFormerRuntime(options.Model, options.Execution, batching ?? new BatchingOptions()));
         var app = builder.Build();
         app.MapGrpcService<QFormerService>();
         app.MapMeshEndpoints();

@@ -29,11 +29,7 @@ public sealed class VisionRuntime : IDisposable
     public Blip2Model Model { get; }
     public DynamicBatcher<(byte[] Pixels, int Images), FloatTensor> Batcher { get; }
 
-    public void Dispose()
-    {
-        Batcher.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        Model.Dispose();
-    }
+    public void Dispose() => Model.Dispose();
 }
 
 /// <summary>The vision stage: resized uint8 RGB images in, image embeddings out.</summary>
@@ -58,7 +54,7 @@ public sealed class VisionService(LoadedModel<VisionRuntime> runtime) : Contract
     public static WebApplication Build(ServiceOptions options, BatchingOptions? batching = null)
     {
         var builder = MeshHost.CreateBuilder("blip2mesh.vision.v1.Vision", options);
-        builder.Services.AddLoadedModel(() => new VisionRuntime(options.Model, new ExecutionOptions(options.Device), batching ?? new BatchingOptions()));
+        builder.Services.AddLoadedModel(() => new VisionRuntime(options.Model, options.Execution, batching ?? new BatchingOptions()));
         var app = builder.Build();
         app.MapGrpcService<VisionService>();
         app.MapMeshEndpoints();

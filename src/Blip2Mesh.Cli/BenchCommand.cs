@@ -44,6 +44,7 @@ internal static partial class BenchCommand
         var output = args.Optional("out");
         var decoderReplicas = args.Int("decoder-replicas") ?? 1;
         var uniqueImages = args.Flag("unique-images");
+        var threads = args.Int("threads");
         args.EnsureAllUsed();
         if ((inProcess ? 1 : 0) + (startMesh ? 1 : 0) + (addr is null ? 0 : 1) != 1)
             throw new UsageException("give exactly one of --in-process, --mesh and --addr HOST:PORT");
@@ -51,14 +52,14 @@ internal static partial class BenchCommand
         if (requests < 1) throw new UsageException("--requests must be at least 1");
         if (concurrencies.Count == 0) throw new UsageException("--concurrency needs at least one value");
         if (maxNewTokens < 1) throw new UsageException("--max-new-tokens must be at least 1");
-        var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device));
+        var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device), IntraOpThreads: threads ?? 0);
 
         var images = LoadImages(model, imagesDir);
         Console.Error.WriteLine($"bench: {images.Count} image(s), {requests} request(s) per concurrency {string.Join(",", concurrencies)}, max {maxNewTokens} new tokens, prompt \"{prompt}\"");
 
         var loadWatch = Stopwatch.StartNew();
         IBenchTarget target = inProcess ? new InProcessTarget(model, execution)
-            : startMesh ? MeshTarget.StartMesh(model, device, decoderReplicas)
+            : startMesh ? MeshTarget.StartMesh(model, device, decoderReplicas, threads)
             : MeshTarget.Connect(addr!, ParsePids(pids));
         var loadSeconds = loadWatch.Elapsed.TotalSeconds;
         Console.Error.WriteLine($"bench: {target.Mode} target ready in {loadSeconds:F1} s");
@@ -403,7 +404,7 @@ internal static partial class BenchCommand
         public static MeshTarget Connect(string address, Dictionary<string, int> pids) => new(address, pids, null);
 
         /// <summary>Runs <c>blip2mesh up</c> on free ports, waits for "ready" and finds each service's pid (children of up running "serve").</summary>
-        public static MeshTarget StartMesh(string model, string device, int decoderReplicas)
+        public static MeshTarget StartMesh(string model, string device, int decoderReplicas, int? threads)
         {
             var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
             start.ArgumentList.Add(typeof(BenchCommand).Assembly.Location);
@@ -411,6 +412,7 @@ internal static partial class BenchCommand
                          "--http-port", FreePort().ToString(CultureInfo.InvariantCulture), "--device", device,
                          "--decoder-replicas", decoderReplicas.ToString(CultureInfo.InvariantCulture)])
                 start.ArgumentList.Add(arg);
+            if (threads is { } n) { start.ArgumentList.Add("--threads"); start.ArgumentList.Add(n.ToString(CultureInfo.InvariantCulture)); }
             var up = Process.Start(start) ?? throw new InvalidOperationException("could not start blip2mesh up");
             var log = new System.Text.StringBuilder();
             up.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (log) log.AppendLine(e.Data); };

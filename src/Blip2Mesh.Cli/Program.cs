@@ -14,9 +14,9 @@ const string Usage = """
       serve     vision|qformer|decoder --model DIR --port N [--http-port N] [--bind ADDR]
       serve     gateway --model DIR --port N [--http-port N] --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...]
                 [--redis HOST:PORT] [--api-keys-file FILE] [--cache-mb N] [--max-image-mb N] [--tls-ca FILE]
-                every service: [--tls-cert FILE --tls-key FILE] [--device cpu|cuda]; decoder: [--max-batch-rows N] [--kv-cache-mb N];
+                every service: [--tls-cert FILE --tls-key FILE] [--device cpu|cuda] [--threads N]; decoder: [--max-batch-rows N] [--kv-cache-mb N];
                 vision, qformer: [--max-batch N] [--max-batch-delay-ms M]
-      up        --model DIR [--port P] [--http-port N] [--decoder-replicas N] [--redis HOST:PORT]   the whole mesh on 127.0.0.1
+      up        --model DIR [--port P] [--http-port N] [--decoder-replicas N] [--redis HOST:PORT] [--threads N]   the whole mesh on 127.0.0.1
       caption   IMAGE [--prompt TEXT] [--addr HOST:PORT] [generation options]  ask a running gateway
       synth     --like DIR|blip2-flan-t5-xl --out DIR [--dtype float32|float16|bfloat16] [--seed N] [--shard-mb N]
                 a random-weight checkpoint with the exact config, tensor names and shapes (sharded safetensors)

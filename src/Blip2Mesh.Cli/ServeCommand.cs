@@ -22,6 +22,7 @@ internal static class ServeCommand
             HttpPort = args.Int("http-port"),
             Bind = args.Optional("bind") ?? "127.0.0.1",
             Device = ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"),
+            Threads = args.Int("threads") ?? 0,
             TlsCertificate = args.Optional("tls-cert"),
             TlsKey = args.Optional("tls-key"),
         };

@@ -24,6 +24,8 @@ internal static partial class UpCommand
         var decoders = args.Int("decoder-replicas") ?? 1;
         var device = args.Optional("device") ?? "cpu";
         var redis = args.Optional("redis");
+        // Three model processes share this machine's cores.
+        var threads = args.Int("threads") ?? Math.Max(1, Environment.ProcessorCount / 3);
         args.EnsureAllUsed();
         if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
 
@@ -33,12 +35,12 @@ internal static partial class UpCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
         try
         {
-            var vision = Start(services, "vision", model, device, FreePort(), FreePort());
-            var qformer = Start(services, "qformer", model, device, FreePort(), FreePort());
-            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, FreePort(), FreePort()).Port).ToList();
+            var vision = Start(services, "vision", model, device, threads, FreePort(), FreePort());
+            var qformer = Start(services, "qformer", model, device, threads, FreePort(), FreePort());
+            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, FreePort(), FreePort()).Port).ToList();
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
                 "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}"))];
-            Start(services, "gateway", model, device, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);
+            Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
@@ -64,11 +66,12 @@ internal static partial class UpCommand
         }
     }
 
-    private static Service Start(List<Service> services, string name, string model, string device, int port, int? httpPort = null, params string[] extra)
+    private static Service Start(List<Service> services, string name, string model, string device, int threads, int port, int? httpPort = null, params string[] extra)
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         start.ArgumentList.Add(typeof(UpCommand).Assembly.Location);
-        foreach (var arg in (string[])["serve", name.Split('-')[0], "--model", model, "--port", port.ToString(), "--device", device]) start.ArgumentList.Add(arg);
+        foreach (var arg in (string[])["serve", name.Split('-')[0], "--model", model, "--port", port.ToString(), "--device", device, "--threads", threads.ToString()])
+            start.ArgumentList.Add(arg);
         if (httpPort is { } http) { start.ArgumentList.Add("--http-port"); start.ArgumentList.Add(http.ToString()); }
         foreach (var arg in extra) start.ArgumentList.Add(arg);
         var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start the {name} service");

@@ -1,21 +1,20 @@
-using System.Threading.Channels;
+using System.Collections.Concurrent;
 
 namespace Blip2Mesh.ServiceDefaults;
 
 /// <summary>
 /// Dynamic batching for the encoder stages: requests that arrive while the model is busy (or within the optional
-/// queue delay) run together as one batch of at most <c>maxBatch</c> items. An idle stage runs a lone request at
-/// once, so batching never adds latency unless a delay is configured.
+/// queue delay) run together as one batch of at most <c>maxBatch</c> items. There is no batching thread: the caller
+/// that finds the model idle runs the batch itself, so a lone request pays no hand-off between threads.
 /// </summary>
-public sealed class DynamicBatcher<TIn, TOut> : IAsyncDisposable
+public sealed class DynamicBatcher<TIn, TOut>
 {
     private readonly Func<IReadOnlyList<TIn>, IReadOnlyList<TOut>> _run;
     private readonly int _maxBatch;
     private readonly TimeSpan _maxDelay;
     private readonly Action<int>? _onBatch;
-    private readonly Channel<(TIn Input, TaskCompletionSource<TOut> Result)> _queue =
-        Channel.CreateUnbounded<(TIn, TaskCompletionSource<TOut>)>(new UnboundedChannelOptions { SingleReader = true });
-    private readonly Task _loop;
+    private readonly ConcurrentQueue<(TIn Input, TaskCompletionSource<TOut> Result)> _queue = new();
+    private readonly SemaphoreSlim _model = new(1, 1);
 
     /// <param name="run">Runs one batch; returns one output per input, in order.</param>
     /// <param name="onBatch">Told the size of every batch (for the batch-size metric).</param>
@@ -26,36 +25,42 @@ public sealed class DynamicBatcher<TIn, TOut> : IAsyncDisposable
         _maxBatch = maxBatch;
         _maxDelay = maxDelay;
         _onBatch = onBatch;
-        _loop = Task.Factory.StartNew(Loop, TaskCreationOptions.LongRunning).Unwrap();
     }
 
-    public Task<TOut> RunAsync(TIn input, CancellationToken cancellation)
+    public async Task<TOut> RunAsync(TIn input, CancellationToken cancellation)
     {
         var result = new TaskCompletionSource<TOut>(TaskCreationOptions.RunContinuationsAsynchronously);
-        if (!_queue.Writer.TryWrite((input, result))) throw new ObjectDisposedException(nameof(DynamicBatcher<TIn, TOut>), "the stage is shutting down");
-        return result.Task.WaitAsync(cancellation);
+        _queue.Enqueue((input, result));
+        // Whoever gets the idle model runs batches until the queue is empty; the others wait for their result.
+        while (!result.Task.IsCompleted)
+        {
+            var model = _model.WaitAsync(cancellation);
+            if (await Task.WhenAny(result.Task, model) != model)
+            {
+                // Our result came first: hand the model back if we were granted it meanwhile.
+                _ = model.ContinueWith(t => { if (t.IsCompletedSuccessfully) _model.Release(); }, TaskScheduler.Default);
+                break;
+            }
+            await model;
+            try
+            {
+                if (_maxDelay > TimeSpan.Zero && _queue.Count < _maxBatch) await Task.Delay(_maxDelay, CancellationToken.None);
+                RunQueued();
+            }
+            finally
+            {
+                _model.Release();
+            }
+        }
+        return await result.Task.WaitAsync(cancellation);
     }
 
-    private async Task Loop()
+    private void RunQueued()
     {
-        var reader = _queue.Reader;
-        var batch = new List<(TIn Input, TaskCompletionSource<TOut> Result)>(_maxBatch);
-        while (await reader.WaitToReadAsync())
+        while (!_queue.IsEmpty)
         {
-            while (batch.Count < _maxBatch && reader.TryRead(out var item)) batch.Add(item);
-            if (batch.Count < _maxBatch && _maxDelay > TimeSpan.Zero)
-            {
-                using var delay = new CancellationTokenSource(_maxDelay);
-                try
-                {
-                    while (batch.Count < _maxBatch && await reader.WaitToReadAsync(delay.Token))
-                        while (batch.Count < _maxBatch && reader.TryRead(out var item)) batch.Add(item);
-                }
-                catch (OperationCanceledException)
-                {
-                    // The delay is over: run what we have.
-                }
-            }
+            var batch = new List<(TIn Input, TaskCompletionSource<TOut> Result)>(_maxBatch);
+            while (batch.Count < _maxBatch && _queue.TryDequeue(out var item)) batch.Add(item);
             _onBatch?.Invoke(batch.Count);
             try
             {
@@ -66,14 +71,7 @@ public sealed class DynamicBatcher<TIn, TOut> : IAsyncDisposable
             {
                 foreach (var item in batch) item.Result.TrySetException(e);
             }
-            batch.Clear();
         }
-    }
-
-    public async ValueTask DisposeAsync()
-    {
-        _queue.Writer.TryComplete();
-        await _loop;
     }
 }
 

@@ -21,6 +21,10 @@ public static class MeshHost
     /// </summary>
     public static WebApplicationBuilder CreateBuilder(string serviceName, ServiceOptions options)
     {
+        // Model runs block their thread for milliseconds; enough ready threads keep the gRPC I/O of other requests
+        // from queueing behind them (the pool otherwise grows by one thread a second).
+        ThreadPool.GetMinThreads(out var workers, out var io);
+        ThreadPool.SetMinThreads(Math.Max(workers, 4 * Environment.ProcessorCount + 8), io);
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
         builder.Logging.AddSimpleConsole(o =>

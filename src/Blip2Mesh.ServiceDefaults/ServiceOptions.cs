@@ -13,6 +13,10 @@ public sealed record ServiceOptions
     /// <summary>Address to listen on; stages default to loopback so only the gateway's host reaches them.</summary>
     public string Bind { get; init; } = "127.0.0.1";
     public ExecutionDevice Device { get; init; } = ExecutionDevice.Cpu;
+    /// <summary>ONNX Runtime intra-op threads per session; 0 lets it use every core.</summary>
+    public int Threads { get; init; }
+
+    public ExecutionOptions Execution => new(Device, IntraOpThreads: Threads);
     /// <summary>Largest gRPC message accepted or sent (tensors of a batch, encoded images).</summary>
     public int MaxMessageBytes { get; init; } = 64 * 1024 * 1024;
     /// <summary>PEM certificate and key: serve gRPC and HTTP over TLS instead of cleartext.</summary>

@@ -120,13 +120,14 @@ public sealed class BatchingTests
     {
         var sizes = new List<int>();
         using var gate = new SemaphoreSlim(0);
-        await using var batcher = new DynamicBatcher<int, int>(inputs =>
+        var batcher = new DynamicBatcher<int, int>(inputs =>
         {
             if (sizes.Count == 0) gate.Wait();
             sizes.Add(inputs.Count);
             return inputs.Select(x => x * 10).ToList();
         }, maxBatch: 4, maxDelay: TimeSpan.Zero);
-        var first = batcher.RunAsync(1, CancellationToken.None);
+        // The first caller finds the model idle and runs it (blocked here until released) on its own thread.
+        var first = Task.Run(() => batcher.RunAsync(1, CancellationToken.None));
         await Task.Delay(100);
         var waiting = Enumerable.Range(2, 6).Select(x => batcher.RunAsync(x, CancellationToken.None)).ToList();
         gate.Release();

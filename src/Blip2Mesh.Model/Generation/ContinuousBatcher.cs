@@ -17,7 +17,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     private readonly Action<int>? _onStep;
     private readonly Channel<Sequence> _incoming = Channel.CreateUnbounded<Sequence>(new UnboundedChannelOptions { SingleReader = true });
     private readonly CancellationTokenSource _stop = new();
-    private readonly Task _loop;
+    private readonly Thread _loop;
     private int _queued;
     private int _activeSequences;
 
@@ -34,7 +34,10 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         _onStep = onStep;
         _maxRows = maxRows;
         _maxQueued = maxQueued;
-        _loop = Task.Factory.StartNew(Loop, TaskCreationOptions.LongRunning).Unwrap();
+        // The loop steps back to back while requests are active: it gets a thread of its own rather than holding a
+        // thread-pool thread that the gRPC handlers streaming its tokens need.
+        _loop = new Thread(Loop) { IsBackground = true, Name = "decoder batch loop" };
+        _loop.Start();
     }
 
     /// <summary>Requests being decoded now.</summary>
@@ -58,7 +61,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         return tokens.Reader.ReadAllAsync(cancellation);
     }
 
-    private async Task Loop()
+    private void Loop()
     {
         var active = new List<Sequence>();
         var stop = _stop.Token;
@@ -68,7 +71,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             {
                 try
                 {
-                    if (!await _incoming.Reader.WaitToReadAsync(stop)) break;
+                    if (!_incoming.Reader.WaitToReadAsync(stop).AsTask().GetAwaiter().GetResult()) break;
                 }
                 catch (OperationCanceledException) { break; }
             }
@@ -121,7 +124,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     {
         _incoming.Writer.TryComplete();
         await _stop.CancelAsync();
-        await _loop;
+        await Task.Run(_loop.Join);
         while (_incoming.Reader.TryRead(out var waiting)) waiting.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
         _stop.Dispose();
     }

@@ -21,6 +21,8 @@ public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.C
             GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL,
             IntraOpNumThreads = IntraOpThreads,
         };
+        // Several stage processes and sessions often share a machine's cores: idle threads must not spin on them.
+        options.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
         // The graphs are built in memory; their weights are external data inside the checkpoint's shards.
         options.AddSessionConfigEntry("session.model_external_initializers_file_folder_path", externalDataFolder);
         if (Device == ExecutionDevice.Cuda)
