@@ -9,6 +9,10 @@ namespace Blip2Mesh.Model.Generation;
 /// </summary>
 public sealed class Generator(Blip2Model model)
 {
+    private sealed record CrossInputs(DecodingState[] States, FloatTensor[] Keys, FloatTensor[] Values, long[] EncoderMask);
+
+    private volatile CrossInputs? _cross;
+
     public Blip2Model Model => model;
 
     /// <summary>Encodes [query_embeds ; prompt ids] once and prepares the request's decoding state.</summary>
@@ -31,14 +35,22 @@ public sealed class Generator(Blip2Model model)
 
         var inputIds = states.SelectMany(s => s.NextInputIds()).ToArray();
         var keyPositions = states.SelectMany(s => RowBatch.PadPositions(s.KeyPositions(), s.Rows, keys)).ToArray();
-        var encoderMask = states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray();
         FloatTensor[] Combine(Func<DecodingState, FloatTensor[]> pick, Func<FloatTensor, FloatTensor> pad) =>
             Enumerable.Range(0, layers).Select(i => FloatTensor.Stack(states.Select(s => pad(pick(s)[i])).ToList())).ToArray();
 
+        // The cross-attention inputs never change while the same requests step together: combine them once.
+        var cross = _cross;
+        if (cross is null || !cross.States.SequenceEqual(states))
+        {
+            cross = new CrossInputs([.. states],
+                Combine(s => s.CrossKeys, t => RowBatch.PadBack(t, sequence)), Combine(s => s.CrossValues, t => RowBatch.PadBack(t, sequence)),
+                states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray());
+            _cross = cross;
+        }
+
         var step = model.DecodeStep(inputIds, keyPositions,
             Combine(s => s.PastKeys, t => RowBatch.PadFront(t, keys - 1)), Combine(s => s.PastValues, t => RowBatch.PadFront(t, keys - 1)),
-            Combine(s => s.CrossKeys, t => RowBatch.PadBack(t, sequence)), Combine(s => s.CrossValues, t => RowBatch.PadBack(t, sequence)),
-            encoderMask);
+            cross.Keys, cross.Values, cross.EncoderMask);
 
         var results = new List<IReadOnlyList<int>>(states.Count);
         var row = 0;
@@ -52,6 +64,8 @@ public sealed class Generator(Blip2Model model)
             results.Add(state.Advance(logits, presentKeys, presentValues));
             row += rows;
         }
+        // A finished request leaves the batch: let its cross-attention inputs go rather than hold them while idle.
+        if (states.Any(s => s.IsFinished)) _cross = null;
         return results;
     }
 

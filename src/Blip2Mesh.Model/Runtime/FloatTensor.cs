@@ -16,9 +16,10 @@ public sealed record FloatTensor(float[] Data, long[] Shape)
         return Data.AsSpan(index * rowSize, rowSize);
     }
 
-    /// <summary>Stacks equally shaped [1, …] tensors into one [N, …] batch.</summary>
+    /// <summary>Stacks equally shaped [n, …] tensors into one batch (a single tensor is returned as it is).</summary>
     public static FloatTensor Stack(IReadOnlyList<FloatTensor> rows)
     {
+        if (rows.Count == 1) return rows[0];
         var rowShape = rows[0].Shape[1..];
         var data = new float[rows.Sum(r => r.Data.Length)];
         var offset = 0;
