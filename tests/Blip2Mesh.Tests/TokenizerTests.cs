@@ -112,11 +112,14 @@ public class TokenizerTests
     }
 
     [Fact]
-    public void Decode_RejectsIdsOutsideTheTokenizer()
+    public void Decode_TreatsIdsOfThePaddedVocabularyAsSpecialAndRejectsNegativeOnes()
     {
-        Assert.Throws<ArgumentOutOfRangeException>(() => Tiny.Decode([2100]));
+        // tiny-a has 2176 logits for 2100 tokens: a sampled id in the padding must not break a stream.
+        Assert.Equal("a red", Tiny.Decode([3, 2100, 94, 2175]));
+        Assert.Equal("<extra_id_-1>", Tiny.IdToToken(2100));
+        var streaming = Tiny.CreateStreamingDecoder();
+        Assert.Equal("a red", string.Concat(new[] { 3, 2100, 94, 2175 }.Select(streaming.Push)) + streaming.Finish());
         Assert.Throws<ArgumentOutOfRangeException>(() => Tiny.Decode([-1]));
-        Assert.Throws<ArgumentOutOfRangeException>(() => Tiny.CreateStreamingDecoder().Push(2100));
     }
 
     [Fact]

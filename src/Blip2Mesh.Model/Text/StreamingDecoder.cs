@@ -29,7 +29,7 @@ public sealed class StreamingDecoder
     /// <summary>Adds the next generated id and returns the text that can be shown now (often empty).</summary>
     public string Push(int id)
     {
-        _tokenizer.CheckId(id);
+        T5Tokenizer.CheckId(id);
         if (_tokenizer.IsSpecial(id))
         {
             return "";

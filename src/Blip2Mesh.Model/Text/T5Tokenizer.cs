@@ -169,7 +169,12 @@ public sealed partial class T5Tokenizer
         return _byteValues[id] >= 0;
     }
 
-    internal void CheckId(int id) => ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual((uint)id, (uint)Count, nameof(id));
+    /// <summary>
+    /// Ids at or above <see cref="Count"/> exist in models whose vocabulary is padded (Flan-T5: 32128 logits for
+    /// 32100 tokens); a sampling request can draw one. They decode as the special tokens HF names them after
+    /// (<c>&lt;extra_id_-N&gt;</c>), never as a crash of the stream.
+    /// </summary>
+    internal static void CheckId(int id) => ArgumentOutOfRangeException.ThrowIfNegative(id);
 
     private void EncodeOrdinary(ReadOnlySpan<char> text, List<int> ids)
     {
