@@ -51,7 +51,9 @@ public static class MeshTelemetry
         }
         builder.Services.AddOpenTelemetry()
             .ConfigureResource(r => r.AddService(serviceName))
-            .WithMetrics(metrics => metrics.AddMeter(Name).AddPrometheusExporter())
+            .WithMetrics(metrics => metrics.AddMeter(Name)
+                // Every scrape reads current values (the exporter otherwise serves a cached scrape for 300 ms).
+                .AddPrometheusExporter(o => o.ScrapeResponseCacheDurationMilliseconds = 0))
             .WithTracing(tracing =>
             {
                 tracing.AddSource(Name).AddAspNetCoreInstrumentation().AddGrpcClientInstrumentation();

@@ -119,18 +119,23 @@ public sealed class BatchingTests
     public async Task TheDynamicBatcherRunsWhatArrivesWhileBusyAsOneBatch()
     {
         var sizes = new List<int>();
-        using var gate = new SemaphoreSlim(0);
+        using var running = new SemaphoreSlim(0);
+        using var release = new SemaphoreSlim(0);
         var batcher = new DynamicBatcher<int, int>(inputs =>
         {
-            if (sizes.Count == 0) gate.Wait();
+            if (sizes.Count == 0)
+            {
+                running.Release();
+                release.Wait();
+            }
             sizes.Add(inputs.Count);
             return inputs.Select(x => x * 10).ToList();
         }, maxBatch: 4, maxDelay: TimeSpan.Zero);
-        // The first caller finds the model idle and runs it (blocked here until released) on its own thread.
+        // The first caller finds the model idle and runs it on its own thread; the others arrive while it is busy.
         var first = Task.Run(() => batcher.RunAsync(1, CancellationToken.None));
-        await Task.Delay(100);
+        await running.WaitAsync();
         var waiting = Enumerable.Range(2, 6).Select(x => batcher.RunAsync(x, CancellationToken.None)).ToList();
-        gate.Release();
+        release.Release();
         Assert.Equal(10, await first);
         Assert.Equal(Enumerable.Range(2, 6).Select(x => x * 10), await Task.WhenAll(waiting));
         Assert.Equal([1, 4, 2], sizes);
