@@ -33,8 +33,11 @@ public sealed class EmbeddingCache(long capacityBytes)
         return false;
     }
 
-    /// <summary>The cached value, or the one <paramref name="compute"/> produces (once, however many ask at once).</summary>
-    public async Task<(FloatTensor Value, bool Hit)> GetOrComputeAsync(string key, Func<Task<FloatTensor>> compute)
+    /// <summary>
+    /// The cached value, or the one <paramref name="compute"/> produces, once however many ask at once. The
+    /// computation belongs to no caller: one giving up (<paramref name="cancellation"/>) stops waiting, not the others.
+    /// </summary>
+    public async Task<(FloatTensor Value, bool Hit)> GetOrComputeAsync(string key, Func<Task<FloatTensor>> compute, CancellationToken cancellation)
     {
         Task<FloatTensor> task;
         bool owner;
@@ -49,19 +52,24 @@ public sealed class EmbeddingCache(long capacityBytes)
             owner = !_inFlight.TryGetValue(key, out task!);
             if (owner)
             {
-                task = compute();
+                task = ComputeAndStoreAsync(key, compute);
                 _inFlight[key] = task;
             }
         }
+        return (await task.WaitAsync(cancellation), !owner);
+    }
+
+    private async Task<FloatTensor> ComputeAndStoreAsync(string key, Func<Task<FloatTensor>> compute)
+    {
         try
         {
-            var value = await task;
-            if (owner) Add(key, value);
-            return (value, !owner);
+            var value = await compute();
+            Add(key, value);
+            return value;
         }
         finally
         {
-            if (owner) lock (_lock) _inFlight.Remove(key);
+            lock (_lock) _inFlight.Remove(key);
         }
     }
 

@@ -97,7 +97,7 @@ public sealed class GatewayService(
             throw new RpcException(new Status(StatusCode.Unavailable,
                 $"decoder stage: failed after part of the answer was streamed; the answer is incomplete ({(e as RpcException)?.Status.Detail ?? e.Message})"));
         }
-        catch (Exception e) when (ImageEmbedder.StageFailure("decoder", e, context) is { } failure)
+        catch (Exception e) when (ImageEmbedder.StageFailure("decoder", e, context.CancellationToken) is { } failure)
         {
             throw failure;
         }

@@ -45,11 +45,12 @@ public sealed class ImageEmbedder(
         var imageId = ImageId(image.Span);
         var key = CacheKey(imageId);
         Computed? computed = null;
+        // Computed for whoever asks for this image: bounded by the stage pipelines' timeouts, not by this caller.
         var (embeds, shared) = await cache.GetOrComputeAsync(key, async () =>
         {
-            computed = await FromRedisOrStagesAsync(key, image, context);
+            computed = await FromRedisOrStagesAsync(key, image);
             return computed.Embeds;
-        });
+        }, context.CancellationToken);
         // A hit: this process had it (L1), another request computed it meanwhile, or Redis had it (L2).
         var hit = shared || computed is null || computed.FromRedis;
         if (computed is null || shared) MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l1"));
@@ -72,7 +73,7 @@ public sealed class ImageEmbedder(
         return tensor;
     }
 
-    private async Task<Computed> FromRedisOrStagesAsync(string key, ReadOnlyMemory<byte> image, ServerCallContext context)
+    private async Task<Computed> FromRedisOrStagesAsync(string key, ReadOnlyMemory<byte> image)
     {
         if (redis is not null && await redis.TryGetAsync(key) is { } stored && stored.Length == FloatTensor.ElementCount(QueryShape))
         {
@@ -81,12 +82,12 @@ public sealed class ImageEmbedder(
         }
         MeshTelemetry.CacheMisses.Add(1);
         var stageMs = new Dictionary<string, double>();
-        var embeds = await ComputeAsync(image, stageMs, context);
+        var embeds = await ComputeAsync(image, stageMs);
         if (redis is not null) await redis.TrySetAsync(key, embeds.Data);
         return new Computed(embeds, false, stageMs);
     }
 
-    private async Task<FloatTensor> ComputeAsync(ReadOnlyMemory<byte> image, Dictionary<string, double> stageMs, ServerCallContext context)
+    private async Task<FloatTensor> ComputeAsync(ReadOnlyMemory<byte> image, Dictionary<string, double> stageMs)
     {
         RgbImage resized;
         using (var preprocess = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "preprocess"))
@@ -105,23 +106,23 @@ public sealed class ImageEmbedder(
         var size = config.Vision.ImageSize;
         var pixels = TensorCodec.FromUInt8(resized.Pixels, 1, size, size, 3);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var imageEmbeds = await CallEncoderStageAsync("vision", pipelines.Vision, context,
-            ct => new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(deadline: context.Deadline, cancellationToken: ct),
+        var imageEmbeds = await CallEncoderStageAsync("vision", pipelines.Vision,
+            ct => new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(cancellationToken: ct),
             new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, r => r.ImageEmbeds);
         stageMs["vision"] = clock.Elapsed.TotalMilliseconds;
 
         clock.Restart();
-        var queryEmbeds = await CallEncoderStageAsync("qformer", pipelines.QFormer, context,
-            ct => new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(deadline: context.Deadline, cancellationToken: ct),
+        var queryEmbeds = await CallEncoderStageAsync("qformer", pipelines.QFormer,
+            ct => new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(cancellationToken: ct),
             new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, r => r.QueryEmbeds);
         stageMs["qformer"] = clock.Elapsed.TotalMilliseconds;
         return TensorCodec.ToFloat(queryEmbeds, "query_embeds", QueryShape, "the Q-Former output");
     }
 
     /// <summary>One request on an encoder stage's stream, its one response's tensor back, through the stage's pipeline.</summary>
-    private static Task<ProtoTensor> CallEncoderStageAsync<TRequest, TResponse>(string stage, ResiliencePipeline pipeline, ServerCallContext context,
+    private static Task<ProtoTensor> CallEncoderStageAsync<TRequest, TResponse>(string stage, ResiliencePipeline pipeline,
         Func<CancellationToken, AsyncDuplexStreamingCall<TRequest, TResponse>> open, TRequest request, Func<TResponse, ProtoTensor> pick) =>
-        CallAsync(stage, pipeline, context, async ct =>
+        CallAsync(stage, pipeline, async ct =>
         {
             using var call = open(ct);
             await call.RequestStream.WriteAsync(request, ct);
@@ -131,14 +132,14 @@ public sealed class ImageEmbedder(
         });
 
     /// <summary>Runs a stage call through its resilience pipeline; a failure reaches the caller with the stage named.</summary>
-    public static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, ServerCallContext context, Func<CancellationToken, Task<T>> call)
+    private static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, Func<CancellationToken, Task<T>> call)
     {
-        var resilience = ResilienceContextPool.Shared.Get(context.CancellationToken);
+        var resilience = ResilienceContextPool.Shared.Get(CancellationToken.None);
         try
         {
             return await pipeline.ExecuteAsync(async rc => await call(rc.CancellationToken), resilience);
         }
-        catch (Exception e) when (StageFailure(stage, e, context) is { } failure)
+        catch (Exception e) when (StageFailure(stage, e, CancellationToken.None) is { } failure)
         {
             throw failure;
         }
@@ -149,9 +150,9 @@ public sealed class ImageEmbedder(
     }
 
     /// <summary>The status a failed stage call becomes for the caller, the stage named; null to let it pass as is.</summary>
-    public static RpcException? StageFailure(string stage, Exception e, ServerCallContext context) => e switch
+    public static RpcException? StageFailure(string stage, Exception e, CancellationToken cancellation) => e switch
     {
-        _ when context.CancellationToken.IsCancellationRequested => new RpcException(new Status(StatusCode.Cancelled, "the request was cancelled")),
+        _ when cancellation.IsCancellationRequested => new RpcException(new Status(StatusCode.Cancelled, "the request was cancelled")),
         RpcException { StatusCode: StatusCode.Cancelled } => null,
         RpcException r => new RpcException(new Status(r.StatusCode is StatusCode.Internal or StatusCode.Unknown ? StatusCode.Unavailable : r.StatusCode, $"{stage} stage: {r.Status.Detail}")),
         BrokenCircuitException => new RpcException(new Status(StatusCode.Unavailable, $"{stage} stage: unavailable (circuit open after repeated failures)")),

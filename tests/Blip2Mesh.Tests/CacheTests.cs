@@ -76,6 +76,25 @@ public sealed class CacheTests : IDisposable
         Assert.All(burst, r => Assert.Equal(Expected(6, 2), r.TokenIds));
         Assert.Equal((3, 3), (VisionCalls, QFormerCalls));
 
+        // A caller that gives up while its new image is being embedded does not fail the others waiting for it.
+        for (var k = 0; k < 10; k++)
+        {
+            var bytes = Image(k % 8).Concat(BitConverter.GetBytes(k)).ToArray(); // new bytes, same pixels
+            using var giveUp = new CancellationTokenSource(TimeSpan.FromMilliseconds(1 + k));
+            var quitter = first.PutImageAsync(new PutImageRequest { Image = Google.Protobuf.ByteString.CopyFrom(bytes) }, cancellationToken: giveUp.Token).ResponseAsync;
+            var patient = await MeshClients.AskAsync(first, MeshClients.Request(bytes, Prompt(k % 8, 1)));
+            Assert.Null(patient.Error);
+            Assert.Equal(Expected(k % 8, 1), patient.TokenIds);
+            try
+            {
+                await quitter;
+            }
+            catch (RpcException cancelled)
+            {
+                Assert.Equal(StatusCode.Cancelled, cancelled.StatusCode);
+            }
+        }
+
         // Redis dies: requests still succeed, from the local cache and the stages; the failures are counted.
         _redis.Kill();
         var e = await MeshClients.AskAsync(second, MeshClients.Request(Image(7), Prompt(7, 1)));
