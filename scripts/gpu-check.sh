@@ -4,7 +4,7 @@
 # concurrency 1 and 16, and prints ms/image (vision + Q-Former), ms/token at batch 1 and tokens/s at concurrency 16.
 #   BLIP2_SYNTH_DIR  where the checkpoint goes (default /tmp/blip2-flan-t5-xl-synth-f16; ~8 GB free needed)
 #   REQUESTS         requests per concurrency (default 32)     MAX_NEW_TOKENS (default 30)
-# Needs the .NET 10 SDK, an NVIDIA driver, the CUDA 12 runtime and cuDNN 9 (what ONNX Runtime's CUDA provider loads).
+# Needs the .NET 10 SDK, an NVIDIA driver, the CUDA 13 runtime and cuDNN 9 (what ONNX Runtime's CUDA provider loads).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,7 +29,7 @@ fi
 
 # The first CUDA session fails with a clear message when the CUDA runtime or cuDNN is missing.
 ./blip2mesh bench --model "$dir" --in-process --device cuda --concurrency 1,16 --requests "$requests" \
-    --max-new-tokens "$tokens" --out "$report" || fail "the CUDA bench failed (see above; CUDA 12 runtime and cuDNN 9 installed?)"
+    --max-new-tokens "$tokens" --out "$report" || fail "the CUDA bench failed (see above; CUDA 13 runtime and cuDNN 9 installed?)"
 
 python3 - "$report" <<'PY' || cat "$report"
 import json, sys

@@ -123,6 +123,19 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void CudaOnRequestRunsOrFailsClearlyNeverFallsBackSilently()
+    {
+        var result = CliProcess.Run("generate", "--model", Fixtures.TinyA, "--image", ImagePath(0), "--device", "cuda", "--max-new-tokens", "3");
+        // On a machine with CUDA this runs; everywhere else it is an error saying so, not a quiet CPU run.
+        if (result.ExitCode != 0)
+        {
+            Assert.Equal(1, result.ExitCode);
+            Assert.Contains("CUDA execution was requested but is not available", result.Stderr);
+            Assert.Equal("", result.Stdout);
+        }
+    }
+
+    [Fact]
     public void BadArgumentsAreClearErrors()
     {
         var unknown = CliProcess.Run("generate", "--model", Fixtures.TinyA, "--image", ImagePath(0), "--beams", "3");

@@ -361,7 +361,7 @@ public sealed partial class KubernetesManifestTests
             Assert.Contains("USER 1654", text);
         }
         Assert.Matches(@"(?m)^FROM mcr\.microsoft\.com/dotnet/aspnet:10\.0\s*$", File.ReadAllText(Path.Combine(Fixtures.RepoRoot, "docker", "Dockerfile")));
-        Assert.Matches(@"(?m)^FROM nvidia/cuda:12\.[0-9.]+-cudnn-runtime-", File.ReadAllText(Path.Combine(Fixtures.RepoRoot, "docker", "Dockerfile.gpu")));
+        Assert.Matches(@"(?m)^FROM nvidia/cuda:13\.[0-9.]+-cudnn-runtime-", File.ReadAllText(Path.Combine(Fixtures.RepoRoot, "docker", "Dockerfile.gpu")));
     }
 
     // ---- rendering and parsing ----

@@ -36,7 +36,7 @@ public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.C
                 options.Dispose();
                 throw new InvalidOperationException(
                     $"CUDA execution was requested but is not available on this machine (device {DeviceId}): {e.Message}. " +
-                    "Install the CUDA 12 runtime and cuDNN 9, or run with --device cpu.", e);
+                    "ONNX Runtime 1.31 needs the CUDA 13 runtime (libcudart.so.13, libcublas.so.13) and cuDNN 9; install them, or run with --device cpu.", e);
             }
         }
         return options;
