@@ -21,7 +21,7 @@ public sealed class QFormerRuntime : IDisposable
             var projected = Model.RunQFormer(requests.Count == 1 ? requests[0] : FloatTensor.Stack(requests)).QueryEmbeds;
             var outputs = new FloatTensor[requests.Count];
             for (int i = 0, row = 0; i < requests.Count; row += (int)requests[i].Shape[0], i++)
-                outputs[i] = requests.Count == 1 ? projected : projected.Slice(row, (int)requests[i].Shape[0]);
+                outputs[i] = projected.Slice(row, (int)requests[i].Shape[0]);
             return outputs;
         }, batching.MaxBatch, batching.MaxDelay, n => MeshTelemetry.BatchSize.Record(n, new KeyValuePair<string, object?>("stage", "qformer")));
     }

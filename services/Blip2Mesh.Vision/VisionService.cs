@@ -21,7 +21,7 @@ public sealed class VisionRuntime : IDisposable
             var pixels = requests.Count == 1 ? requests[0].Pixels : requests.SelectMany(r => r.Pixels).ToArray();
             var embeds = Model.EmbedRgb(pixels, pixels.Length / pixelsPerImage);
             var outputs = new FloatTensor[requests.Count];
-            for (int i = 0, row = 0; i < requests.Count; row += requests[i].Images, i++) outputs[i] = requests.Count == 1 ? embeds : embeds.Slice(row, requests[i].Images);
+            for (int i = 0, row = 0; i < requests.Count; row += requests[i].Images, i++) outputs[i] = embeds.Slice(row, requests[i].Images);
             return outputs;
         }, batching.MaxBatch, batching.MaxDelay, images => MeshTelemetry.BatchSize.Record(images, new KeyValuePair<string, object?>("stage", "vision")));
     }

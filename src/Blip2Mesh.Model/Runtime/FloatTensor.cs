@@ -32,9 +32,10 @@ public sealed record FloatTensor(float[] Data, long[] Shape)
         return new FloatTensor(data, [rows.Sum(r => r.Shape[0]), .. rowShape]);
     }
 
-    /// <summary>Rows [start, start+count) along the first axis.</summary>
+    /// <summary>Rows [start, start+count) along the first axis (the tensor itself when that is all of it).</summary>
     public FloatTensor Slice(int start, int count)
     {
+        if (start == 0 && count == Shape[0]) return this;
         var rowSize = checked((int)(Data.Length / Shape[0]));
         return new FloatTensor(Data.AsSpan(start * rowSize, count * rowSize).ToArray(), [count, .. Shape[1..]]);
     }
