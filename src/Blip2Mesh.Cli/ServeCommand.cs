@@ -66,7 +66,7 @@ internal static class ServeCommand
             Vision = List(args.Required("vision")),
             QFormer = List(args.Required("qformer")),
             Decoder = List(args.Required("decoder")),
-            CacheBytes = (long)(args.Float("cache-mb") ?? defaults.CacheBytes / 1048576f) * 1048576,
+            CacheBytes = (long)((args.Float("cache-mb") ?? defaults.CacheBytes / 1048576f) * 1048576),
             MaxImageBytes = (int)((args.Float("max-image-mb") ?? defaults.MaxImageBytes / 1048576f) * 1048576),
             Redis = args.Optional("redis"),
             ApiKeysFile = args.Optional("api-keys-file"),
