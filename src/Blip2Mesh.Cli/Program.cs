@@ -11,6 +11,7 @@ const string Usage = """
       dump      --model DIR (--image FILE | --pixel-values FILE) [--prompt TEXT] --out FILE
       tokenize  --model DIR (--text TEXT | --jsonl FILE | --decode IDS)
       inspect   --model DIR
+      export    --model DIR [--out DIR]          every stage graph as an .onnx file (weights stay in the checkpoint)
       serve     vision|qformer|decoder --model DIR --port N [--http-port N] [--bind ADDR]
       serve     gateway --model DIR --port N [--http-port N] --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...]
                 [--redis HOST:PORT] [--api-keys-file FILE] [--cache-mb N] [--max-image-mb N] [--tls-ca FILE]
@@ -43,6 +44,7 @@ try
         "dump" => DumpCommand.Run(args[1..]),
         "tokenize" => TokenizeCommand.Run(args[1..]),
         "inspect" => InspectCommand.Run(args[1..]),
+        "export" => ExportCommand.Run(args[1..]),
         "serve" => ServeCommand.Run(args[1..]),
         "up" => UpCommand.Run(args[1..]),
         "caption" => CaptionCommand.Run(args[1..]),

@@ -123,6 +123,31 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void ExportedOnnxFilesRunInAPlainOnnxRuntimeSession()
+    {
+        // Into a copy of the checkpoint, as exporting writes next to the weights.
+        var output = Path.Combine(_temp, "checkpoint");
+        Directory.CreateDirectory(output);
+        foreach (var file in Directory.GetFiles(Fixtures.TinyA)) File.Copy(file, Path.Combine(output, Path.GetFileName(file)));
+        Ok("export", "--model", output);
+        var outside = CliProcess.Run("export", "--model", output, "--out", Path.Combine(_temp, "elsewhere"));
+        Assert.Equal(2, outside.ExitCode);
+        Assert.Contains("external data", outside.Stderr);
+        Assert.Equal(["qformer.onnx", "t5-decoder-step.onnx", "t5-encoder.onnx", "vision-rgb8.onnx", "vision.onnx"],
+            Directory.GetFiles(output, "*.onnx").Select(Path.GetFileName).Order());
+
+        // Loaded from its path alone, as another tool would: the weights come from the checkpoint's shards.
+        using var references = SafetensorsFile.Open(Path.Combine(Fixtures.TinyA, "references.safetensors"));
+        using var session = new Microsoft.ML.OnnxRuntime.InferenceSession(Path.Combine(output, "qformer.onnx"));
+        var input = Fixtures.ReadTensor(references, "img3/vision_last_hidden_state");
+        using var value = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(input.Data, input.Shape);
+        using var runOptions = new Microsoft.ML.OnnxRuntime.RunOptions();
+        using var outputs = session.Run(runOptions, ["image_embeds"], [value], ["query_embeds"]);
+        var actual = new Model.Runtime.FloatTensor(outputs[0].GetTensorDataAsSpan<float>().ToArray(), outputs[0].GetTensorTypeAndShape().Shape);
+        Assert.True(Fixtures.MaxAbsDiff(actual, Fixtures.ReadTensor(references, "img3/language_projection")) <= 1e-4f);
+    }
+
+    [Fact]
     public void CudaOnRequestRunsOrFailsClearlyNeverFallsBackSilently()
     {
         var result = CliProcess.Run("generate", "--model", Fixtures.TinyA, "--image", ImagePath(0), "--device", "cuda", "--max-new-tokens", "3");

@@ -44,11 +44,8 @@ public sealed class WeightRecorder(Blip2Config config) : IWeightSource
     public static IReadOnlyList<(string Name, long[] Shape)> Record(Blip2Config config)
     {
         var recorder = new WeightRecorder(config);
-        VisionGraph.Build(new OnnxGraphBuilder(recorder, "vision"), new PixelInput.Normalized());
-        VisionGraph.Build(new OnnxGraphBuilder(recorder, "vision-rgb8"), new PixelInput.Rgb8(1 / 255.0, [0.5f, 0.5f, 0.5f], [0.5f, 0.5f, 0.5f]));
-        QFormerGraph.Build(new OnnxGraphBuilder(recorder, "qformer"));
-        T5EncoderGraph.Build(new OnnxGraphBuilder(recorder, "t5-encoder"));
-        T5DecoderStepGraph.Build(new OnnxGraphBuilder(recorder, "t5-decoder-step"));
+        foreach (var (name, build) in Runtime.Blip2Model.StageGraphs(new PixelInput.Rgb8(1 / 255.0, [0.5f, 0.5f, 0.5f], [0.5f, 0.5f, 0.5f])))
+            build(new OnnxGraphBuilder(recorder, name));
         return recorder.Weights;
     }
 }

@@ -40,16 +40,27 @@ public sealed class Blip2Model : IDisposable
     {
         Checkpoint = checkpoint;
         _execution = execution;
-        _visionPixelValues = Stage("vision", g => VisionGraph.Build(g, new PixelInput.Normalized()));
-        _visionRgb8 = Stage("vision-rgb8", g => VisionGraph.Build(g, rgbNormalization));
-        _qformer = Stage("qformer", QFormerGraph.Build);
-        _encoder = Stage("t5-encoder", T5EncoderGraph.Build);
-        _decoder = Stage("t5-decoder-step", T5DecoderStepGraph.Build);
+        var graphs = StageGraphs(rgbNormalization).ToDictionary(g => g.Name, g => g.Build);
+        _visionPixelValues = Stage("vision", graphs["vision"]);
+        _visionRgb8 = Stage("vision-rgb8", graphs["vision-rgb8"]);
+        _qformer = Stage("qformer", graphs["qformer"]);
+        _encoder = Stage("t5-encoder", graphs["t5-encoder"]);
+        _decoder = Stage("t5-decoder-step", graphs["t5-decoder-step"]);
     }
 
     /// <param name="rgbNormalization">The image processor's rescale/normalise settings, folded into the uint8 vision graph.</param>
     public static Blip2Model Load(string directory, PixelInput.Rgb8 rgbNormalization, ExecutionOptions? execution = null) =>
         new(Blip2Checkpoint.Open(directory), execution ?? new ExecutionOptions(), rgbNormalization);
+
+    /// <summary>Every stage graph of a BLIP-2 checkpoint, by name.</summary>
+    public static IReadOnlyList<(string Name, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> Build)> StageGraphs(PixelInput.Rgb8 rgbNormalization) =>
+    [
+        ("vision", g => VisionGraph.Build(g, new PixelInput.Normalized())),
+        ("vision-rgb8", g => VisionGraph.Build(g, rgbNormalization)),
+        ("qformer", QFormerGraph.Build),
+        ("t5-encoder", T5EncoderGraph.Build),
+        ("t5-decoder-step", T5DecoderStepGraph.Build),
+    ];
 
     private Lazy<StageSession> Stage(string name, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
         new(() => new StageSession(name, build(new OnnxGraphBuilder(Checkpoint, name)), Checkpoint, _execution));
