@@ -34,6 +34,8 @@ public sealed class GatewayService(
             throw new RpcException(new Status(StatusCode.InvalidArgument, hasImage
                 ? "give exactly one of image and image_id, not both"
                 : "image is empty and no image_id was given: give exactly one of image and image_id"));
+        if (hasId && !ImageEmbedder.IsImageId(request.ImageId))
+            throw new RpcException(new Status(StatusCode.InvalidArgument, "image_id: must be the 64 hexadecimal characters PutImage returned"));
         var options = request.Options ?? new Contracts.V1.GenerationOptions();
         GenerationRequests.ToOptions(options, limits);
         var promptTokens = tokenizer.Encode(request.Prompt).Count;

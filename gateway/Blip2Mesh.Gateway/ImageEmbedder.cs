@@ -35,6 +35,9 @@ public sealed class ImageEmbedder(
     /// <summary>SHA-256 of the image bytes: the image's id for later requests.</summary>
     public static string ImageId(ReadOnlySpan<byte> image) => Convert.ToHexStringLower(SHA256.HashData(image));
 
+    /// <summary>Whether a string has the form of an image id (so a bad one is refused before any cache lookup).</summary>
+    public static bool IsImageId(string id) => id.Length == 64 && id.All(char.IsAsciiHexDigit);
+
     private string CacheKey(string imageId) => $"blip2mesh:embeds:{fingerprint}:{imageId}";
 
     public async Task<ImageEmbedding> EmbedAsync(ReadOnlyMemory<byte> image, ServerCallContext context)

@@ -100,6 +100,10 @@ public sealed class BadInputTests(BadInputTests.DemoMesh demo, ITestOutputHelper
         var both = await Ask(new GenerateRequest { Image = ByteString.CopyFrom(Png), ImageId = "abc" });
         Assert.Equal(StatusCode.InvalidArgument, both.Error?.StatusCode);
         Assert.Contains("exactly one of image and image_id", both.Error!.Status.Detail);
+        var malformed = await Ask(new GenerateRequest { ImageId = new string('x', 100_000) });
+        Assert.Equal(StatusCode.InvalidArgument, malformed.Error?.StatusCode);
+        Assert.StartsWith("image_id", malformed.Error!.Status.Detail);
+        Assert.True(malformed.Error.Status.Detail.Length < 200, "the message does not echo the id back");
     }
 
     [Fact]

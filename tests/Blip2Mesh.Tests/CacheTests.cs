@@ -106,7 +106,7 @@ public sealed class CacheTests : IDisposable
         Assert.True(_gateway2.Metric("blip2mesh_cache_l2_errors_total") >= 1);
 
         // An id nobody knows (Redis gone, not in this gateway's memory) is NOT_FOUND, not an error of Redis.
-        var missing = await MeshClients.AskAsync(first, new GenerateRequest { ImageId = put.ImageId + "0" });
+        var missing = await MeshClients.AskAsync(first, new GenerateRequest { ImageId = new string('f', 64) });
         Assert.Equal(StatusCode.NotFound, missing.Error!.StatusCode);
     }
 }
