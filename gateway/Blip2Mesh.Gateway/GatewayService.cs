@@ -138,7 +138,9 @@ public sealed class GatewayService(
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();
-        app.Services.GetRequiredService<ServiceHealth>().SetServing();
+        var health = app.Services.GetRequiredService<ServiceHealth>();
+        health.SetServing();
+        app.Lifetime.ApplicationStopping.Register(health.SetStopping);
         return app;
     }
 }

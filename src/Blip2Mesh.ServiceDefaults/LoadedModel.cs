@@ -33,14 +33,19 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
 
     public Task<T> Ready => _ready.Task;
 
-    protected override Task ExecuteAsync(CancellationToken stoppingToken) => Task.Run(() =>
+    protected override Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        lifetime.ApplicationStopping.Register(health.SetStopping);
+        return Task.Run(Load, stoppingToken);
+    }
+
+    private void Load()
     {
         try
         {
             var started = System.Diagnostics.Stopwatch.StartNew();
             var model = load();
             _ready.SetResult(model);
-            lifetime.ApplicationStopping.Register(health.SetNotServing);
             health.SetServing();
             logger.LogInformation("model loaded in {Seconds:F1} s; serving", started.Elapsed.TotalSeconds);
         }
@@ -50,7 +55,7 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
             _ready.SetException(e);
             lifetime.StopApplication();
         }
-    }, stoppingToken);
+    }
 
     private int _disposed;
 

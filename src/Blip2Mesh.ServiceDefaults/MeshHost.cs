@@ -100,9 +100,25 @@ public sealed class ServiceHealth
 
     public HealthServiceImpl Impl { get; }
 
-    public void SetServing() => Set(HealthCheckResponse.Types.ServingStatus.Serving);
+    private readonly Lock _gate = new();
+    private bool _stopping;
 
-    public void SetNotServing() => Set(HealthCheckResponse.Types.ServingStatus.NotServing);
+    /// <summary>SERVING, unless the host has begun to stop: a model that finishes loading during shutdown stays withdrawn.</summary>
+    public void SetServing()
+    {
+        lock (_gate)
+            if (!_stopping) Set(HealthCheckResponse.Types.ServingStatus.Serving);
+    }
+
+    /// <summary>NOT_SERVING for good, so balancers drain this process while it finishes what it has.</summary>
+    public void SetStopping()
+    {
+        lock (_gate)
+        {
+            _stopping = true;
+            Set(HealthCheckResponse.Types.ServingStatus.NotServing);
+        }
+    }
 
     private void Set(HealthCheckResponse.Types.ServingStatus status)
     {

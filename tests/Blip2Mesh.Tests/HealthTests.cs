@@ -26,13 +26,30 @@ public sealed class HealthTests
         Assert.Equal(Grpc.Core.StatusCode.Unavailable, early.StatusCode);
 
         loading.Release();
-        await model.Ready;
-        // The model is usable first, then advertised: wait for the advertisement.
-        for (var i = 0; i < 500 && await Status(health) != HealthCheckResponse.Types.ServingStatus.Serving; i++) await Task.Delay(10);
+        // The model is usable first, then advertised: the loading task ends once it is advertised.
+        await model.ExecuteTask!;
+        Assert.Same(await model.Ready, model.Value);
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, await Status(health));
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, await Status(health, "blip2mesh.test.v1.Stage"));
 
         lifetime.StopApplication();
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health));
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health, "blip2mesh.test.v1.Stage"));
+    }
+
+    [Fact]
+    public async Task AModelThatFinishesLoadingAfterTheHostBeganStoppingIsNeverAdvertised()
+    {
+        var health = new ServiceHealth("blip2mesh.test.v1.Stage");
+        var lifetime = new ApplicationLifetime(NullLogger<ApplicationLifetime>.Instance);
+        using var loading = new SemaphoreSlim(0);
+        using var model = new LoadedModel<object>(() => { loading.Wait(); return new object(); }, health, lifetime, NullLogger<LoadedModel<object>>.Instance);
+        await model.StartAsync(CancellationToken.None);
+
+        lifetime.StopApplication();
+        loading.Release();
+        await model.ExecuteTask!;
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health));
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health, "blip2mesh.test.v1.Stage"));
     }
 }
