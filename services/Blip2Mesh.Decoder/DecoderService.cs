@@ -61,7 +61,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
         var cancellation = context.CancellationToken;
         var state = r.Generator.Start(queries, promptIds, options);
-        IAsyncEnumerable<IReadOnlyList<int>> tokens;
+        IAsyncEnumerable<DecodedTokens> tokens;
         try
         {
             tokens = r.Batcher.Submit(state, cancellation);
@@ -77,23 +77,26 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
 
         var text = r.Tokenizer.CreateStreamingDecoder();
         var generated = 0;
-        await foreach (var step in tokens)
+        DecodeEvent Finish(DecodeEvent e)
         {
-            generated += step.Count;
-            MeshTelemetry.GeneratedTokens.Add(step.Count);
-            var delta = new DecodeEvent { Text = string.Concat(step.Select(text.Push)) };
-            delta.TokenIds.AddRange(step);
-            await responses.WriteAsync(delta, cancellation);
+            e.Text += text.Finish();
+            e.FinishReason = state.Results[0].FinishReason;
+            e.PromptTokens = promptIds.Count;
+            e.GeneratedTokens = generated;
+            e.DecoderMs = timer.ElapsedMs;
+            return e;
         }
-        var best = state.Results[0];
-        await responses.WriteAsync(new DecodeEvent
+        await foreach (var decoded in tokens)
         {
-            Text = text.Finish(),
-            FinishReason = best.FinishReason,
-            PromptTokens = promptIds.Count,
-            GeneratedTokens = generated,
-            DecoderMs = timer.ElapsedMs,
-        }, cancellation);
+            generated += decoded.Ids.Count;
+            MeshTelemetry.GeneratedTokens.Add(decoded.Ids.Count);
+            var delta = new DecodeEvent { Text = string.Concat(decoded.Ids.Select(text.Push)) };
+            delta.TokenIds.AddRange(decoded.Ids);
+            // The last tokens and the end of the answer travel together: one message fewer on every hop.
+            await responses.WriteAsync(decoded.IsLast ? Finish(delta) : delta, cancellation);
+            if (decoded.IsLast) return;
+        }
+        await responses.WriteAsync(Finish(new DecodeEvent()), cancellation);
     }
 
     public static WebApplication Build(ServiceOptions options, int maxBatchRows = 64, long kvCacheBytes = 1L << 30)

@@ -358,11 +358,11 @@ internal static partial class BenchCommand
             var text = _pipeline.Tokenizer.CreateStreamingDecoder();
             double? ttft = null;
             var tokens = 0;
-            await foreach (var step in _batcher.Submit(state, CancellationToken.None))
+            await foreach (var decoded in _batcher.Submit(state, CancellationToken.None))
             {
                 ttft ??= Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-                tokens += step.Count;
-                foreach (var id in step) text.Push(id);
+                tokens += decoded.Ids.Count;
+                foreach (var id in decoded.Ids) text.Push(id);
             }
             text.Finish();
             var latency = Stopwatch.GetElapsedTime(start).TotalMilliseconds;

@@ -22,10 +22,16 @@ public sealed class BatchingTests
         return state.Results[0].Ids;
     }
 
-    private static async Task<List<int>> Collect(IAsyncEnumerable<IReadOnlyList<int>> tokens)
+    private static async Task<List<int>> Collect(IAsyncEnumerable<DecodedTokens> tokens)
     {
         var all = new List<int>();
-        await foreach (var step in tokens) all.AddRange(step);
+        var last = false;
+        await foreach (var decoded in tokens)
+        {
+            Assert.False(last, "tokens after the read marked last");
+            all.AddRange(decoded.Ids);
+            last = decoded.IsLast;
+        }
         return all;
     }
 
@@ -34,27 +40,32 @@ public sealed class BatchingTests
     {
         (int Image, string Prompt, GenerationOptions Options)[] requests =
         [
-            (0, "a photo of", new GenerationOptions { MaxNewTokens = 30, MinNewTokens = 30 }),
+            (0, "a photo of", new GenerationOptions { MaxNewTokens = 300, MinNewTokens = 300 }),
             (3, "", new GenerationOptions { NumBeams = 4 }),
             (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
             (6, "a photo of", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
         ];
-        await using var batcher = new ContinuousBatcher(Pipeline.Generator);
+        var stepRows = new System.Collections.Concurrent.ConcurrentBag<int>();
+        await using var batcher = new ContinuousBatcher(Pipeline.Generator, onStep: stepRows.Add);
         var first = Start(requests[0].Image, requests[0].Prompt, requests[0].Options);
         var firstTokens = new List<int>();
         var others = new List<(DecodingState State, Task<List<int>> Tokens)>();
+        int[] joinAfter = [3, 7, 12];
         // The others join one by one while the first is mid-way, so rows of different lengths share steps.
-        await foreach (var step in batcher.Submit(first, CancellationToken.None))
+        await foreach (var decoded in batcher.Submit(first, CancellationToken.None))
         {
-            firstTokens.AddRange(step);
-            if (firstTokens.Count is 3 or 7 or 12 && others.Count < requests.Length - 1)
+            firstTokens.AddRange(decoded.Ids);
+            if (others.Count < requests.Length - 1 && firstTokens.Count >= joinAfter[others.Count])
             {
                 var (image, prompt, options) = requests[others.Count + 1];
                 var state = Start(image, prompt, options);
                 others.Add((state, Collect(batcher.Submit(state, CancellationToken.None))));
             }
         }
+        Assert.Equal(requests.Length - 1, others.Count);
+        Assert.True(stepRows.Max() > 1, "no step was shared");
         Assert.Equal(Alone(requests[0].Image, requests[0].Prompt, requests[0].Options), first.Results[0].Ids);
+        Assert.Equal(first.Results[0].Ids.Skip(1), firstTokens);
         for (var k = 0; k < others.Count; k++)
         {
             var (image, prompt, options) = requests[k + 1];
@@ -91,12 +102,6 @@ public sealed class BatchingTests
         var huge = Start(1, "", new GenerationOptions { NumBeams = 8, MaxNewTokens = 6000 });
         var error = Assert.Throws<ArgumentException>(() => batcher.Submit(huge, CancellationToken.None));
         Assert.Contains("KV cache", error.Message);
-    }
-
-    private static async IAsyncEnumerable<IReadOnlyList<int>> Rest(IAsyncEnumerator<IReadOnlyList<int>> started)
-    {
-        yield return started.Current;
-        while (await started.MoveNextAsync()) yield return started.Current;
     }
 
     [Fact]

@@ -36,6 +36,19 @@ public sealed class LifecycleTests(ITestOutputHelper output) : IDisposable
     private static GenerateRequest LongRequest => MeshClients.Request(TinyImage, "a photo of", new Contracts.V1.GenerationOptions { MaxNewTokens = 512, MinNewTokens = 512 });
 
     [Fact]
+    public async Task TokensStreamWhileTheAnswerIsDecoded()
+    {
+        var (_, gateway) = TinyMesh();
+        var client = MeshClients.Gateway(gateway.Address, out var channel);
+        using var _ = channel;
+        var answer = await MeshClients.AskAsync(client, LongRequest);
+        Assert.Null(answer.Error);
+        Assert.Equal(("length", 512), (answer.FinishReason, answer.TokenIds.Length));
+        // Each message carries what was decoded since the last was sent: many messages, never the whole answer at once.
+        Assert.True(answer.Messages > 10, $"{answer.Messages} messages for 512 tokens");
+    }
+
+    [Fact]
     public async Task ACancelledRequestStopsDecodingPromptly()
     {
         var (decoder, gateway) = TinyMesh();

@@ -49,7 +49,6 @@ public sealed class MeshEndToEndTests(MeshEndToEndTests.TinyMesh mesh) : IClassF
             Assert.Equal(Fixtures.Ints(expected.GetProperty("ids"))[1..], Fixtures.Ints(result.GetProperty("token_ids")));
             Assert.Equal(expected.GetProperty("text").GetString(), result.GetProperty("text").GetString());
             Assert.Equal(expected.GetProperty("ended_with_eos").GetBoolean() ? "eos" : "length", result.GetProperty("finish_reason").GetString());
-            if (beams == 1) Assert.True(result.GetProperty("messages").GetInt32() > 2, "greedy answers stream token by token");
         }
     }
 

@@ -45,8 +45,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     /// <summary>Requests waiting for rows.</summary>
     public int QueueDepth => Volatile.Read(ref _queued);
 
-    /// <summary>Queues an encoded request; its final tokens stream out as the batch advances.</summary>
-    public IAsyncEnumerable<IReadOnlyList<int>> Submit(DecodingState state, CancellationToken cancellation)
+    /// <summary>
+    /// Queues an encoded request; its final tokens stream out as the batch advances, each read carrying every token
+    /// decoded since the last one, so a consumer slower than the steps (a gRPC stream) sends fewer, fuller messages.
+    /// </summary>
+    public IAsyncEnumerable<DecodedTokens> Submit(DecodingState state, CancellationToken cancellation)
     {
         if (state.Rows > _maxRows) throw new ArgumentException($"the request needs {state.Rows} rows but a batch holds at most {_maxRows}");
         if (state.KvCacheBytes > _kvBudgetBytes)
@@ -58,7 +61,20 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         }
         var tokens = Channel.CreateUnbounded<IReadOnlyList<int>>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
         _incoming.Writer.TryWrite(new Sequence(state, tokens.Writer, cancellation));
-        return tokens.Reader.ReadAllAsync(cancellation);
+        return ReadDecoded(tokens.Reader, cancellation);
+    }
+
+    private static async IAsyncEnumerable<DecodedTokens> ReadDecoded(ChannelReader<IReadOnlyList<int>> steps,
+        [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellation)
+    {
+        while (await steps.WaitToReadAsync(cancellation))
+        {
+            var ids = new List<int>();
+            while (steps.TryRead(out var step)) ids.AddRange(step);
+            // Completion is set as the last step is read from a completed channel: the consumer can end its answer
+            // in the same message as its last tokens.
+            yield return new DecodedTokens(ids, steps.Completion.IsCompletedSuccessfully);
+        }
     }
 
     private void Loop()
@@ -129,6 +145,9 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         _stop.Dispose();
     }
 }
+
+/// <summary>Tokens decoded for one request since its consumer last read; <paramref name="IsLast"/> when nothing follows.</summary>
+public sealed record DecodedTokens(IReadOnlyList<int> Ids, bool IsLast);
 
 /// <summary>The decoder's queue is full; the caller should retry later or elsewhere.</summary>
 public sealed class QueueFullException(string message) : Exception(message);
