@@ -6,7 +6,7 @@ const ui = {
   form: $("ask-form"), input: $("image-input"), drop: $("drop-zone"), preview: $("preview"), hint: $("drop-hint"),
   imageInfo: $("image-info"), preset: $("preset"), prompt: $("prompt"), ask: $("ask"), status: $("status"),
   error: $("error"), answer: $("answer"), facts: $("facts"),
-  maxNewTokens: $("max-new-tokens"), numBeams: $("num-beams"), doSample: $("do-sample"),
+  maxNewTokens: $("max-new-tokens"), minNewTokens: $("min-new-tokens"), numBeams: $("num-beams"), doSample: $("do-sample"),
   temperature: $("temperature"), topP: $("top-p"), seed: $("seed"),
 };
 
@@ -82,13 +82,15 @@ ui.doSample.addEventListener("change", () => {
 });
 
 function readOptions() {
-  const invalid = [ui.maxNewTokens, ui.numBeams, ui.temperature, ui.topP, ui.seed]
+  const invalid = [ui.maxNewTokens, ui.minNewTokens, ui.numBeams, ui.temperature, ui.topP, ui.seed]
     .find((input) => !input.disabled && (!input.checkValidity() || input.value === ""));
   if (invalid) {
     const label = invalid.closest("label").textContent.trim();
     throw new ApiError(`${label}: enter a number from ${invalid.min} to ${invalid.max || "any"}.`);
   }
   const options = { maxNewTokens: Number(ui.maxNewTokens.value), numBeams: Number(ui.numBeams.value) };
+  // Sent only when set, as the API's default is none.
+  if (Number(ui.minNewTokens.value) > 0) options.minNewTokens = Number(ui.minNewTokens.value);
   if (ui.doSample.checked) {
     Object.assign(options, {
       doSample: true, temperature: Number(ui.temperature.value), topP: Number(ui.topP.value), seed: Number(ui.seed.value),
