@@ -109,11 +109,14 @@ public sealed class SecurityTests : IDisposable
     private (string Ca, string Certificate, string Key) CreateCertificates()
     {
         var name = Guid.NewGuid().ToString("N")[..8];
+        // One clock reading, and a CA that outlives its leaf: certificate times are whole seconds, so a leaf made a
+        // moment later with the same lifetime could end after its issuer and be refused.
+        var now = DateTimeOffset.UtcNow;
         using var caKey = ECDsa.Create(ECCurve.NamedCurves.nistP256);
         var caRequest = new CertificateRequest($"CN=blip2mesh test CA {name}", caKey, HashAlgorithmName.SHA256);
         caRequest.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
         caRequest.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.KeyCertSign, true));
-        using var caCert = caRequest.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1));
+        using var caCert = caRequest.CreateSelfSigned(now.AddDays(-2), now.AddDays(2));
 
         using var serverKey = ECDsa.Create(ECCurve.NamedCurves.nistP256);
         var request = new CertificateRequest("CN=localhost", serverKey, HashAlgorithmName.SHA256);
@@ -122,7 +125,7 @@ public sealed class SecurityTests : IDisposable
         san.AddDnsName("localhost");
         request.CertificateExtensions.Add(san.Build());
         request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension([new Oid("1.3.6.1.5.5.7.3.1")], false));
-        using var server = request.Create(caCert, DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1), [1, 2, 3, 4]);
+        using var server = request.Create(caCert, now.AddDays(-1), now.AddDays(1), [1, 2, 3, 4]);
 
         var ca = Path.Combine(_dir, $"ca-{name}.pem");
         var cert = Path.Combine(_dir, $"server-{name}.pem");
