@@ -38,6 +38,8 @@ internal static partial class BenchCommand
             .ToList();
         var requests = args.Int("requests") ?? 64;
         var maxNewTokens = args.Int("max-new-tokens") ?? new GenerationOptions().MaxNewTokens;
+        // Fixed-length answers (min = max) measure long histories, and random-weight models, which end anywhere.
+        var minNewTokens = args.Int("min-new-tokens") ?? 0;
         var prompt = args.Optional("prompt") ?? "";
         var imagesDir = args.Optional("images");
         var device = args.Optional("device") ?? "cpu";
@@ -52,10 +54,11 @@ internal static partial class BenchCommand
         if (requests < 1) throw new UsageException("--requests must be at least 1");
         if (concurrencies.Count == 0) throw new UsageException("--concurrency needs at least one value");
         if (maxNewTokens < 1) throw new UsageException("--max-new-tokens must be at least 1");
+        if (minNewTokens < 0 || minNewTokens > maxNewTokens) throw new UsageException("--min-new-tokens must be from 0 to --max-new-tokens");
         var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device), IntraOpThreads: threads ?? 0);
 
         var images = LoadImages(model, imagesDir);
-        Console.Error.WriteLine($"bench: {images.Count} image(s), {requests} request(s) per concurrency {string.Join(",", concurrencies)}, max {maxNewTokens} new tokens, prompt \"{prompt}\"");
+        Console.Error.WriteLine($"bench: {images.Count} image(s), {requests} request(s) per concurrency {string.Join(",", concurrencies)}, {minNewTokens}-{maxNewTokens} new tokens, prompt \"{prompt}\"");
 
         var loadWatch = Stopwatch.StartNew();
         IBenchTarget target = inProcess ? new InProcessTarget(model, execution)
@@ -68,7 +71,7 @@ internal static partial class BenchCommand
         Dictionary<string, double> rss;
         try
         {
-            var options = new GenerationOptions { MaxNewTokens = maxNewTokens };
+            var options = new GenerationOptions { MaxNewTokens = maxNewTokens, MinNewTokens = minNewTokens };
             if (!uniqueImages)
             {
                 // Embed every image once up front, as a warm gateway cache holds them: the runs then measure the same
@@ -102,6 +105,7 @@ internal static partial class BenchCommand
             ["model"] = model,
             ["device"] = device,
             ["max_new_tokens"] = maxNewTokens,
+            ["min_new_tokens"] = minNewTokens,
             ["prompt"] = prompt,
             ["images"] = uniqueImages ? "unique" : images.Count,
             ["load_s"] = Round(loadSeconds),
@@ -477,7 +481,7 @@ internal static partial class BenchCommand
             double? ttft = null;
             var tokens = 0;
             double decoderMs = 0;
-            await foreach (var response in _client.GenerateAsync(image, prompt, new ApiOptions { MaxNewTokens = options.MaxNewTokens }))
+            await foreach (var response in _client.GenerateAsync(image, prompt, new ApiOptions { MaxNewTokens = options.MaxNewTokens, MinNewTokens = options.MinNewTokens }))
             {
                 if (response.TokenIds.Count > 0) ttft ??= Stopwatch.GetElapsedTime(start).TotalMilliseconds;
                 tokens += response.TokenIds.Count;

@@ -37,8 +37,7 @@ internal static class DumpCommand
         var qformer = m.RunQFormer(vision);
         var encoded = m.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode(prompt)]);
         var text = m.Config.Text;
-        var empty = Enumerable.Range(0, text.NumDecoderLayers).Select(_ => FloatTensor.Zeros(1, text.NumHeads, 0, text.DKv)).ToArray();
-        var step = m.DecodeStep([text.DecoderStartTokenId], [0], empty, empty, encoded.CrossKeys, encoded.CrossValues, encoded.AttentionMask);
+        var firstStepLogits = m.FirstStepLogits(encoded);
 
         SafetensorsWriter.Write(output,
         [
@@ -48,7 +47,7 @@ internal static class DumpCommand
             Float("language_projection", qformer.QueryEmbeds),
             Float("inputs_embeds", encoded.InputsEmbeds),
             Float("encoder_last_hidden_state", encoded.LastHiddenState),
-            Float("first_step_logits", step.Logits with { Shape = [1, 1, text.VocabSize] }),
+            Float("first_step_logits", firstStepLogits with { Shape = [1, 1, text.VocabSize] }),
         ]);
         Console.Out.WriteLine($"wrote {output}");
         return 0;

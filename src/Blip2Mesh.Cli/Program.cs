@@ -22,7 +22,7 @@ const string Usage = """
       synth     --like DIR|blip2-flan-t5-xl --out DIR [--dtype float32|float16|bfloat16] [--seed N] [--shard-mb N]
                 a random-weight checkpoint with the exact config, tensor names and shapes (sharded safetensors)
       bench     --model DIR (--in-process | --mesh | --addr HOST:PORT [--pids NAME=PID,...]) [--concurrency 1,4,16]
-                [--requests N] [--max-new-tokens N] [--prompt TEXT] [--images DIR | --unique-images] [--device cpu|cuda]
+                [--requests N] [--max-new-tokens N] [--min-new-tokens N] [--prompt TEXT] [--images DIR | --unique-images] [--device cpu|cuda]
                 [--decoder-replicas N] [--out report.json]   latency, time to first token and throughput per concurrency
 
     generation options: --max-new-tokens N --min-new-tokens N --num-beams N --length-penalty X

@@ -76,6 +76,36 @@ public sealed class BatchingTests
     }
 
     [Fact]
+    public void CachesOfSeparateBatchesMergeAndShrinkWithoutChangingAnyResult()
+    {
+        var generator = Pipeline.Generator;
+        var longer = new GenerationOptions { NumBeams = 3, MaxNewTokens = 14, MinNewTokens = 14 };
+        var shorter = new GenerationOptions { MaxNewTokens = 40, MinNewTokens = 40 };
+        var beams = Start(2, "a photo of", longer);
+        var greedy = Start(5, "", shorter);
+        // Apart first, each in a cache of its own and of its own length…
+        for (var i = 0; i < 6; i++) generator.Step(beams);
+        for (var i = 0; i < 2; i++) generator.Step(greedy);
+        var apart = (beams.Cache!.Cache, greedy.Cache!.Cache);
+        Assert.NotSame(apart.Item1, apart.Item2);
+        // …then together: both caches regrouped into one, the shorter history behind empty slots; the beam rows
+        // reorder within it every step.
+        while (!beams.IsFinished) generator.Step([greedy, beams]);
+        Assert.NotSame(apart.Item1, greedy.Cache!.Cache);
+        Assert.NotSame(apart.Item2, greedy.Cache.Cache);
+        Assert.Null(beams.Cache);
+        var slotsWithBeams = greedy.Cache.Cache.Slots;
+        // The longest history has left: the next step crops the slots nobody uses any more.
+        generator.Step(greedy);
+        Assert.Equal(greedy.Length - 1, greedy.Cache!.Cache.Slots);
+        Assert.True(greedy.Cache.Cache.Slots < slotsWithBeams, $"{greedy.Cache.Cache.Slots} slots after the longer request left, {slotsWithBeams} before");
+        while (!greedy.IsFinished) generator.Step(greedy);
+
+        Assert.Equal(Alone(2, "a photo of", longer), beams.Results[0].Ids);
+        Assert.Equal(Alone(5, "", shorter), greedy.Results[0].Ids);
+    }
+
+    [Fact]
     public async Task TheKvBudgetQueuesWhatDoesNotFitAndCancellationFreesIt()
     {
         var options = new GenerationOptions { MaxNewTokens = 20, MinNewTokens = 20 };

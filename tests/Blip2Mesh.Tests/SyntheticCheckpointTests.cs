@@ -170,7 +170,7 @@ public sealed class SyntheticCheckpointTests(SynthesisedCheckpoints synth) : ICl
         var imageEmbeds = model.EmbedRgb(resized.Pixels, 1);
         var qformer = model.RunQFormer(imageEmbeds);
         var encoder = model.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode("Question: what is this? Answer:")]);
-        var logits = FirstStepLogits(model, encoder);
+        var logits = model.FirstStepLogits(encoder);
         return new()
         {
             ["image_embeds"] = imageEmbeds,
@@ -180,13 +180,6 @@ public sealed class SyntheticCheckpointTests(SynthesisedCheckpoints synth) : ICl
             ["cross_key.0"] = encoder.CrossKeys[0],
             ["logits"] = logits,
         };
-    }
-
-    private static FloatTensor FirstStepLogits(Blip2Model model, EncoderOutput encoder)
-    {
-        var text = model.Config.Text;
-        var empty = Enumerable.Range(0, text.NumDecoderLayers).Select(_ => FloatTensor.Zeros(1, text.NumHeads, 0, text.DKv)).ToArray();
-        return model.DecodeStep([text.DecoderStartTokenId], [0], empty, empty, encoder.CrossKeys, encoder.CrossValues, encoder.AttentionMask).Logits;
     }
 
     [Fact]
@@ -224,7 +217,7 @@ public sealed class SyntheticCheckpointTests(SynthesisedCheckpoints synth) : ICl
         var queries = pipeline.EmbedImage(Image());
         Assert.Equal([1, 5, c.Text.DModel], queries.Shape);
         var encoder = pipeline.Model.Encode(queries, [pipeline.Tokenizer.Encode("a photo of")]);
-        var logits = FirstStepLogits(pipeline.Model, encoder);
+        var logits = pipeline.Model.FirstStepLogits(encoder);
         Assert.Equal([1, 2240], logits.Shape);
         Assert.All(logits.Data, v => Assert.True(float.IsFinite(v)));
         var result = pipeline.Generate(queries, "a photo of", new GenerationOptions { MaxNewTokens = 6 }).Last().Final!;

@@ -104,6 +104,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             foreach (var cancelled in active.Where(s => s.Cancellation.IsCancellationRequested).ToList())
             {
                 cancelled.Tokens.TryComplete(new OperationCanceledException(cancelled.Cancellation));
+                cancelled.State.Dispose();
                 active.Remove(cancelled);
             }
             Volatile.Write(ref _activeSequences, active.Count);
@@ -117,7 +118,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             }
             catch (Exception e)
             {
-                foreach (var sequence in active) sequence.Tokens.TryComplete(e);
+                foreach (var sequence in active)
+                {
+                    sequence.Tokens.TryComplete(e);
+                    sequence.State.Dispose();
+                }
                 active.Clear();
                 continue;
             }
@@ -133,7 +138,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             }
             Volatile.Write(ref _activeSequences, active.Count);
         }
-        foreach (var sequence in active) sequence.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+        foreach (var sequence in active)
+        {
+            sequence.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+            sequence.State.Dispose();
+        }
     }
 
     public async ValueTask DisposeAsync()

@@ -8,10 +8,11 @@ public sealed record GeneratedSequence(IReadOnlyList<int> Ids, string FinishReas
 
 /// <summary>
 /// The decoding state of one request: the rows it advances each step (one, or one per beam), their token ids,
-/// their self-attention caches and the encoder's cross-attention keys/values. A scheduler asks it for the next
-/// step's inputs and hands back the step's logits; it never runs the model itself, so requests can share steps.
+/// which rows of a shared self-attention cache are theirs, and the encoder's cross-attention keys/values. A
+/// scheduler asks it for the next step's inputs and hands back the step's logits; it never runs the model
+/// itself, so requests can share steps. Disposing it lets go of its cache (a request that leaves unfinished).
 /// </summary>
-public sealed class DecodingState
+public sealed class DecodingState : IDisposable
 {
     private readonly T5Config _text;
     private readonly GenerationOptions _options;
@@ -40,9 +41,6 @@ public sealed class DecodingState
         CrossKeys = encoder.CrossKeys.Select(t => Repeat(t, rows)).ToArray();
         CrossValues = encoder.CrossValues.Select(t => Repeat(t, rows)).ToArray();
         EncoderMask = Enumerable.Repeat(encoder.AttentionMask, rows).SelectMany(m => m).ToArray();
-        var empty = FloatTensor.Zeros(rows, _text.NumHeads, 0, _text.DKv);
-        PastKeys = Enumerable.Repeat(empty, _text.NumDecoderLayers).ToArray();
-        PastValues = Enumerable.Repeat(empty, _text.NumDecoderLayers).ToArray();
     }
 
     public int Rows => _rows.Length;
@@ -55,8 +53,8 @@ public sealed class DecodingState
         * (_maxLength + EncoderMask.Length / _options.NumBeams);
     public int Length => _rows[0].Count;
     public bool IsFinished { get; private set; }
-    public FloatTensor[] PastKeys { get; private set; }
-    public FloatTensor[] PastValues { get; private set; }
+    /// <summary>This request's rows of a shared self-attention cache, one per row in row order; none before its first step.</summary>
+    public CacheRows? Cache { get; private set; }
     public FloatTensor[] CrossKeys { get; }
     public FloatTensor[] CrossValues { get; }
     public long[] EncoderMask { get; }
@@ -69,28 +67,45 @@ public sealed class DecodingState
     /// <summary>Last token of every row: the decoder input of the next step.</summary>
     public long[] NextInputIds() => _rows.Select(r => (long)r[^1]).ToArray();
 
-    /// <summary>Self-attention slot positions for the next step: 0..Length−1 for every row.</summary>
-    public long[] KeyPositions()
+    /// <summary>
+    /// Self-attention slot positions for the next step, in a cache of <paramref name="slots"/> past slots: empty
+    /// (−1) slots in front, then 0..Length−2 for the history, then Length−1 for the new token, for every row.
+    /// </summary>
+    public long[] KeyPositions(long slots)
     {
-        var positions = new long[Rows * Length];
+        var history = Length - 1;
+        if (slots < history) throw new ArgumentException($"{slots} slots cannot hold a history of {history}");
+        var width = slots + 1;
+        var positions = new long[Rows * width];
         for (var r = 0; r < Rows; r++)
-            for (var t = 0; t < Length; t++) positions[r * Length + t] = t;
+            for (var k = 0; k < width; k++) positions[r * width + k] = k < slots - history ? -1 : k - (slots - history);
         return positions;
     }
 
     /// <summary>
-    /// Consumes one step's logits [Rows, V] and grown caches, and returns the tokens that are now final
-    /// (every token for greedy and sampling; for beam search the prefix no candidate can change any more).
+    /// Consumes one step's logits [Rows, V] and this request's rows of the grown cache, and returns the tokens
+    /// that are now final (every token for greedy and sampling; for beam search the prefix no candidate can
+    /// change any more).
     /// </summary>
-    public IReadOnlyList<int> Advance(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    public IReadOnlyList<int> Advance(FloatTensor logits, CacheRows present)
     {
         if (IsFinished) throw new InvalidOperationException("the request has already finished");
-        if (_options.IsBeamSearch) AdvanceBeams(logits, presentKeys, presentValues);
-        else AdvanceSingle(logits, presentKeys, presentValues);
+        if (_options.IsBeamSearch) AdvanceBeams(logits, present);
+        else AdvanceSingle(logits, present);
+        if (IsFinished) Hold(null);
         return TakeStableTokens();
     }
 
-    private void AdvanceSingle(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    public void Dispose() => Hold(null);
+
+    private void Hold(CacheRows? next)
+    {
+        next?.Cache.Hold();
+        Cache?.Cache.Release();
+        Cache = next;
+    }
+
+    private void AdvanceSingle(FloatTensor logits, CacheRows present)
     {
         var ids = _rows[0];
         var scores = logits.Row(0).ToArray();
@@ -108,8 +123,7 @@ public sealed class DecodingState
         }
         ChosenTokenLogits.Add(raw[next]);
         ids.Add(next);
-        PastKeys = presentKeys;
-        PastValues = presentValues;
+        Hold(present);
         if (next == _text.EosTokenId || ids.Count >= _maxLength)
         {
             _results.Add(new GeneratedSequence(ids, next == _text.EosTokenId ? "eos" : "length", null));
@@ -133,7 +147,7 @@ public sealed class DecodingState
     }
 
     /// <summary>One step of HF's beam_search with BeamSearchScorer.process and BeamHypotheses (transformers 4.33).</summary>
-    private void AdvanceBeams(FloatTensor logits, FloatTensor[] presentKeys, FloatTensor[] presentValues)
+    private void AdvanceBeams(FloatTensor logits, CacheRows present)
     {
         var beams = _options.NumBeams;
         var vocab = (int)logits.Shape[1];
@@ -177,8 +191,8 @@ public sealed class DecodingState
 
         _rows = nextRows;
         _beamScores = nextScores;
-        PastKeys = presentKeys.Select(t => Gather(t, sources)).ToArray();
-        PastValues = presentValues.Select(t => Gather(t, sources)).ToArray();
+        // Each beam continues the history of the row it was chosen from.
+        Hold(present with { Rows = sources.Select(b => present.Rows[b]).ToArray() });
 
         if (done || Length >= _maxLength) Finalize(done);
     }
@@ -257,7 +271,7 @@ public sealed class DecodingState
 
     private static FloatTensor Repeat(FloatTensor row, int times) =>
         times == 1 ? row : FloatTensor.Stack(Enumerable.Repeat(row, times).ToList());
-
-    private static FloatTensor Gather(FloatTensor tensor, int[] rows) =>
-        FloatTensor.Stack(rows.Select(r => tensor.Slice(r, 1)).ToList());
 }
+
+/// <summary>Which rows of a shared self-attention cache belong to one request, in the request's row order.</summary>
+public sealed record CacheRows(SelfAttentionCache Cache, int[] Rows);

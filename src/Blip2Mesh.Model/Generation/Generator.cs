@@ -29,44 +29,82 @@ public sealed class Generator(Blip2Model model)
     /// <summary>Advances unfinished requests by one batched decoder step; returns each one's newly final tokens.</summary>
     public IReadOnlyList<IReadOnlyList<int>> Step(IReadOnlyList<DecodingState> states)
     {
-        var layers = model.Config.Text.NumDecoderLayers;
-        var keys = states.Max(s => s.Length);
+        var slots = states.Max(s => s.Length) - 1;
         var sequence = states.Max(s => s.EncoderMask.Length / s.Rows);
-
         var inputIds = states.SelectMany(s => s.NextInputIds()).ToArray();
-        var keyPositions = states.SelectMany(s => RowBatch.PadPositions(s.KeyPositions(), s.Rows, keys)).ToArray();
-        FloatTensor[] Combine(Func<DecodingState, FloatTensor[]> pick, Func<FloatTensor, FloatTensor> pad) =>
-            Enumerable.Range(0, layers).Select(i => FloatTensor.Stack(states.Select(s => pad(pick(s)[i])).ToList())).ToArray();
+        var keyPositions = states.SelectMany(s => s.KeyPositions(slots)).ToArray();
 
         // The cross-attention inputs never change while the same requests step together: combine them once.
         var cross = _cross;
         if (cross is null || !cross.States.SequenceEqual(states))
         {
-            cross = new CrossInputs([.. states],
-                Combine(s => s.CrossKeys, t => RowBatch.PadBack(t, sequence)), Combine(s => s.CrossValues, t => RowBatch.PadBack(t, sequence)),
+            FloatTensor[] Combine(Func<DecodingState, FloatTensor[]> pick) => Enumerable.Range(0, model.Config.Text.NumDecoderLayers)
+                .Select(i => FloatTensor.Stack(states.Select(s => RowBatch.PadBack(pick(s)[i], sequence)).ToList())).ToArray();
+            cross = new CrossInputs([.. states], Combine(s => s.CrossKeys), Combine(s => s.CrossValues),
                 states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray());
             _cross = cross;
         }
 
-        var step = model.DecodeStep(inputIds, keyPositions,
-            Combine(s => s.PastKeys, t => RowBatch.PadFront(t, keys - 1)), Combine(s => s.PastValues, t => RowBatch.PadFront(t, keys - 1)),
-            cross.Keys, cross.Values, cross.EncoderMask);
+        var (past, regrouped) = PastFor(states, slots);
+        DecoderStepOutput step;
+        try
+        {
+            step = model.DecodeStep(inputIds, keyPositions, past, cross.Keys, cross.Values, cross.EncoderMask);
+        }
+        finally
+        {
+            if (regrouped) past.Dispose();
+        }
 
         var results = new List<IReadOnlyList<int>>(states.Count);
         var row = 0;
+        // Held while it is handed out, so a request that finishes (and lets go) before the others cannot free it.
+        step.Present.Hold();
         foreach (var state in states)
         {
-            var rows = state.Rows;
-            var slots = state.Length;
-            var logits = step.Logits.Slice(row, rows);
-            var presentKeys = step.PresentKeys.Select(t => RowBatch.StripFront(t.Slice(row, rows), slots)).ToArray();
-            var presentValues = step.PresentValues.Select(t => RowBatch.StripFront(t.Slice(row, rows), slots)).ToArray();
-            results.Add(state.Advance(logits, presentKeys, presentValues));
-            row += rows;
+            var rows = Enumerable.Range(row, state.Rows).ToArray();
+            results.Add(state.Advance(step.Logits.Slice(row, state.Rows), new CacheRows(step.Present, rows)));
+            row += state.Rows;
         }
+        step.Present.Release();
         // A finished request leaves the batch: let its cross-attention inputs go rather than hold them while idle.
         if (states.Any(s => s.IsFinished)) _cross = null;
         return results;
+    }
+
+    /// <summary>
+    /// The step's past cache: the cache the requests already share when they hold all of its rows in order (the
+    /// usual case while a batch keeps its members), else a new one regrouped from theirs on the device.
+    /// </summary>
+    private (SelfAttentionCache Past, bool Regrouped) PastFor(IReadOnlyList<DecodingState> states, long slots)
+    {
+        var shared = states[0].Cache?.Cache;
+        var order = states.SelectMany(s => s.Cache?.Rows ?? []).ToArray();
+        if (shared is not null && shared.Slots == slots && shared.Rows == order.Length && states.All(s => s.Cache?.Cache == shared)
+            && order.Select((r, i) => r == i).All(inOrder => inOrder))
+            return (shared, false);
+
+        var sources = states.Where(s => s.Cache is not null).Select(s => s.Cache!.Cache).Distinct().ToList();
+        var firstRow = new Dictionary<SelfAttentionCache, int>();
+        var total = 0;
+        foreach (var source in sources)
+        {
+            firstRow[source] = total;
+            total += source.Rows;
+        }
+        var rowOrder = new List<long>();
+        var fresh = 0;
+        foreach (var state in states)
+        {
+            if (state.Cache is { } held)
+            {
+                rowOrder.AddRange(held.Rows.Select(r => (long)firstRow[held.Cache] + r));
+                continue;
+            }
+            if (state.Length != 1) throw new InvalidOperationException("a request past its first step has no cache");
+            for (var r = 0; r < state.Rows; r++) rowOrder.Add(total + fresh++);
+        }
+        return (model.RegroupCache(sources, [.. rowOrder], fresh, slots), true);
     }
 
     /// <summary>Steps until the request finishes, yielding each step's final tokens as soon as they are known.</summary>
@@ -98,42 +136,15 @@ public sealed class Generator(Blip2Model model)
 /// <summary>Padding that lets rows of different requests share one decoder step.</summary>
 internal static class RowBatch
 {
-    /// <summary>[R, H, L, d] → [R, H, length, d] with L − length empty slots in front (their positions are −1).</summary>
-    public static FloatTensor PadFront(FloatTensor t, long length) => Pad(t, length, front: true);
-
     /// <summary>[R, H, S, d] → [R, H, length, d] with zeros after the real entries (masked out).</summary>
-    public static FloatTensor PadBack(FloatTensor t, long length) => Pad(t, length, front: false);
-
-    private static FloatTensor Pad(FloatTensor t, long length, bool front)
+    public static FloatTensor PadBack(FloatTensor t, long length)
     {
         var (rows, heads, current, dim) = (t.Shape[0], t.Shape[1], t.Shape[2], t.Shape[3]);
         if (current == length) return t;
         var result = FloatTensor.Zeros(rows, heads, length, dim);
-        var offset = front ? length - current : 0;
         for (long rh = 0; rh < rows * heads; rh++)
-            Array.Copy(t.Data, rh * current * dim, result.Data, (rh * length + offset) * dim, current * dim);
+            Array.Copy(t.Data, rh * current * dim, result.Data, rh * length * dim, current * dim);
         return result;
-    }
-
-    /// <summary>Drops the empty leading slots a padded row got: [R, H, K, d] → [R, H, slots, d].</summary>
-    public static FloatTensor StripFront(FloatTensor t, long slots)
-    {
-        var (rows, heads, current, dim) = (t.Shape[0], t.Shape[1], t.Shape[2], t.Shape[3]);
-        if (current == slots) return t;
-        var result = FloatTensor.Zeros(rows, heads, slots, dim);
-        for (long rh = 0; rh < rows * heads; rh++)
-            Array.Copy(t.Data, (rh * current + current - slots) * dim, result.Data, rh * slots * dim, slots * dim);
-        return result;
-    }
-
-    public static IEnumerable<long> PadPositions(long[] positions, int rows, int keys)
-    {
-        var length = positions.Length / rows;
-        for (var r = 0; r < rows; r++)
-        {
-            for (var k = length; k < keys; k++) yield return -1;
-            for (var k = 0; k < length; k++) yield return positions[r * length + k];
-        }
     }
 
     public static IEnumerable<long> PadMask(long[] mask, int rows, int sequence)

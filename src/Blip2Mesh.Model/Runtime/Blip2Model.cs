@@ -17,8 +17,8 @@ public sealed record EncoderOutput(FloatTensor InputsEmbeds, FloatTensor LastHid
     public int SequenceLength => (int)LastHiddenState.Shape[1];
 }
 
-/// <summary>One decoder step's result: logits [B, V] and the self-attention cache grown by one slot.</summary>
-public sealed record DecoderStepOutput(FloatTensor Logits, FloatTensor[] PresentKeys, FloatTensor[] PresentValues);
+/// <summary>One decoder step's result: logits [B, V] and the self-attention cache grown by one slot (the caller owns it).</summary>
+public sealed record DecoderStepOutput(FloatTensor Logits, SelfAttentionCache Present);
 
 /// <summary>
 /// The four BLIP-2 stage graphs of one checkpoint, each built on first use and run with ONNX Runtime.
@@ -32,6 +32,7 @@ public sealed class Blip2Model : IDisposable
     private readonly Lazy<StageSession> _qformer;
     private readonly Lazy<StageSession> _encoder;
     private readonly Lazy<StageSession> _decoder;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, Lazy<StageSession>> _cacheRegroup = new();
 
     public Blip2Checkpoint Checkpoint { get; }
     public Blip2Config Config => Checkpoint.Config;
@@ -143,53 +144,103 @@ public sealed class Blip2Model : IDisposable
     }
 
     /// <summary>
-    /// One decoder step for a batch of rows. <paramref name="keyPositions"/> is [B, K] (row-major): the position of
-    /// each self-attention slot, the last being the new token's own position, −1 for an empty slot.
+    /// One decoder step for a batch of rows. <paramref name="keyPositions"/> is [B, past.Slots + 1] (row-major): the
+    /// position of each self-attention slot, the last being the new token's own position, −1 for an empty slot.
     /// </summary>
-    public DecoderStepOutput DecodeStep(long[] inputIds, long[] keyPositions, FloatTensor[] pastKeys, FloatTensor[] pastValues,
+    public DecoderStepOutput DecodeStep(long[] inputIds, long[] keyPositions, SelfAttentionCache past,
         FloatTensor[] crossKeys, FloatTensor[] crossValues, long[] encoderMask)
     {
         var batch = inputIds.Length;
         var keys = keyPositions.Length / batch;
         var sequence = encoderMask.Length / batch;
-        var values = new List<OrtValue>();
+        if (past.Rows != batch || past.Slots != keys - 1)
+            throw new ArgumentException($"the cache holds {past.Rows} rows of {past.Slots} slots; the step has {batch} rows of {keys - 1}");
+        var created = new List<OrtValue>();
         try
         {
-            OrtValue Add(OrtValue v) { values.Add(v); return v; }
+            OrtValue Add(OrtValue v) { created.Add(v); return v; }
             var inputs = new Dictionary<string, OrtValue>
             {
                 [T5DecoderStepGraph.InputIds] = Add(OrtValue.CreateTensorValueFromMemory(inputIds, [batch])),
                 [T5DecoderStepGraph.KeyPositions] = Add(OrtValue.CreateTensorValueFromMemory(keyPositions, [batch, keys])),
                 [T5DecoderStepGraph.EncoderAttentionMask] = Add(OrtValue.CreateTensorValueFromMemory(encoderMask, [batch, sequence])),
             };
-            for (var i = 0; i < pastKeys.Length; i++)
+            var layers = Config.Text.NumDecoderLayers;
+            for (var i = 0; i < layers; i++)
             {
-                inputs[T5DecoderStepGraph.PastKey(i)] = Add(Tensors.ToOrt(pastKeys[i]));
-                inputs[T5DecoderStepGraph.PastValue(i)] = Add(Tensors.ToOrt(pastValues[i]));
+                inputs[T5DecoderStepGraph.PastKey(i)] = past.Key(i);
+                inputs[T5DecoderStepGraph.PastValue(i)] = past.Value(i);
                 inputs[T5EncoderGraph.CrossKey(i)] = Add(Tensors.ToOrt(crossKeys[i]));
                 inputs[T5EncoderGraph.CrossValue(i)] = Add(Tensors.ToOrt(crossValues[i]));
             }
             var session = _decoder.Value;
-            using var outputs = session.Run(inputs);
-            var layers = pastKeys.Length;
-            var presentKeys = new FloatTensor[layers];
-            var presentValues = new FloatTensor[layers];
-            for (var i = 0; i < layers; i++)
-            {
-                presentKeys[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.PresentKey(i))]);
-                presentValues[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.PresentValue(i))]);
-            }
-            return new DecoderStepOutput(Tensors.ToFloat(outputs[session.OutputIndex(T5DecoderStepGraph.Logits)]), presentKeys, presentValues);
+            // The grown cache stays where it was computed; only the logits come back to the host.
+            var outputs = session.RunOnDevice(inputs, new HashSet<string> { T5DecoderStepGraph.Logits });
+            using var logits = outputs[session.OutputIndex(T5DecoderStepGraph.Logits)];
+            var present = new SelfAttentionCache(
+                Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5DecoderStepGraph.PresentKey(i))]).ToArray(),
+                Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5DecoderStepGraph.PresentValue(i))]).ToArray());
+            return new DecoderStepOutput(Tensors.ToFloat(logits), present);
         }
         finally
         {
-            foreach (var v in values) v.Dispose();
+            foreach (var v in created) v.Dispose();
+        }
+    }
+
+    /// <summary>The logits of the first decoder step of one encoded request (no history yet).</summary>
+    public FloatTensor FirstStepLogits(EncoderOutput encoded)
+    {
+        using var empty = RegroupCache([], [0], freshRows: 1, slots: 0);
+        var step = DecodeStep([Config.Text.DecoderStartTokenId], [0], empty, encoded.CrossKeys, encoded.CrossValues, encoded.AttentionMask);
+        step.Present.Dispose();
+        return step.Logits;
+    }
+
+    /// <summary>
+    /// A new cache of <paramref name="slots"/> slots whose rows are, in order, the rows <paramref name="rowOrder"/>
+    /// names: an index counts through every row of <paramref name="sources"/> in turn, then through
+    /// <paramref name="freshRows"/> empty rows. Sources are left as they are; the caller owns the result.
+    /// </summary>
+    public SelfAttentionCache RegroupCache(IReadOnlyList<SelfAttentionCache> sources, long[] rowOrder, int freshRows, long slots)
+    {
+        var text = Config.Text;
+        var session = _cacheRegroup.GetOrAdd(sources.Count, n => new Lazy<StageSession>(() => new StageSession(
+            $"t5-cache-regroup-{n}", T5CacheRegroupGraph.Build(new OnnxGraphBuilder(Checkpoint, "t5-cache-regroup"), n), Checkpoint, _execution))).Value;
+        var created = new List<OrtValue>();
+        try
+        {
+            OrtValue Add(OrtValue v) { created.Add(v); return v; }
+            var inputs = new Dictionary<string, OrtValue>
+            {
+                [T5CacheRegroupGraph.RowOrder] = Add(OrtValue.CreateTensorValueFromMemory(rowOrder, [rowOrder.Length])),
+                [T5CacheRegroupGraph.FreshShape] = Add(OrtValue.CreateTensorValueFromMemory(new long[] { freshRows, text.NumHeads, slots, text.DKv }, [4])),
+            };
+            for (var j = 0; j < sources.Count; j++)
+            {
+                var source = sources[j];
+                inputs[T5CacheRegroupGraph.Crop(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { Math.Max(0, source.Slots - slots) }, [1]));
+                inputs[T5CacheRegroupGraph.Pads(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { 0, 0, Math.Max(0, slots - source.Slots), 0, 0, 0, 0, 0L }, [8]));
+                for (var i = 0; i < text.NumDecoderLayers; i++)
+                {
+                    inputs[T5CacheRegroupGraph.SourceKey(j, i)] = source.Key(i);
+                    inputs[T5CacheRegroupGraph.SourceValue(j, i)] = source.Value(i);
+                }
+            }
+            var outputs = session.RunOnDevice(inputs, new HashSet<string>());
+            return new SelfAttentionCache(
+                Enumerable.Range(0, text.NumDecoderLayers).Select(i => outputs[session.OutputIndex(T5CacheRegroupGraph.Key(i))]).ToArray(),
+                Enumerable.Range(0, text.NumDecoderLayers).Select(i => outputs[session.OutputIndex(T5CacheRegroupGraph.Value(i))]).ToArray());
+        }
+        finally
+        {
+            foreach (var v in created) v.Dispose();
         }
     }
 
     public void Dispose()
     {
-        foreach (var stage in new[] { _visionPixelValues, _visionRgb8, _qformer, _encoder, _decoder })
+        foreach (var stage in new[] { _visionPixelValues, _visionRgb8, _qformer, _encoder, _decoder }.Concat(_cacheRegroup.Values))
             if (stage.IsValueCreated) stage.Value.Dispose();
         Checkpoint.Dispose();
     }

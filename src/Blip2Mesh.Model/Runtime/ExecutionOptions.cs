@@ -14,6 +14,11 @@ public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.C
         _ => throw new ArgumentException($"unknown device '{value}' (expected cpu or cuda)"),
     };
 
+    /// <summary>Where tensors that stay on the execution device between runs (the decoder's caches) live.</summary>
+    internal OrtMemoryInfo DeviceMemory() => Device == ExecutionDevice.Cuda
+        ? new OrtMemoryInfo("Cuda", OrtAllocatorType.DeviceAllocator, DeviceId, OrtMemType.Default)
+        : OrtMemoryInfo.DefaultInstance;
+
     internal SessionOptions CreateSessionOptions(string externalDataFolder)
     {
         var options = new SessionOptions

@@ -9,6 +9,7 @@ namespace Blip2Mesh.Model.Runtime;
 public sealed class StageSession : IDisposable
 {
     private readonly InferenceSession _session;
+    private readonly OrtMemoryInfo _deviceMemory;
 
     public string Name { get; }
     public List<string> OutputNames { get; }
@@ -26,6 +27,7 @@ public sealed class StageSession : IDisposable
             throw new InvalidOperationException($"ONNX Runtime could not load the {name} graph of {checkpoint.Directory}: {e.Message}", e);
         }
         OutputNames = _session.OutputNames.ToList();
+        _deviceMemory = execution.DeviceMemory();
     }
 
     /// <summary>Runs the graph; the caller owns (and disposes) the returned values, in <see cref="OutputNames"/> order.</summary>
@@ -35,6 +37,21 @@ public sealed class StageSession : IDisposable
         return _session.Run(runOptions ?? defaultOptions!, inputs.Keys.ToList(), inputs.Values.ToList(), OutputNames);
     }
 
+    /// <summary>
+    /// Runs the graph with its outputs left where they were computed (device memory on CUDA), except
+    /// <paramref name="hostOutputs"/>, which come back in host memory; inputs may live on either. The caller owns
+    /// (and disposes) the returned values, in <see cref="OutputNames"/> order.
+    /// </summary>
+    public IDisposableReadOnlyCollection<OrtValue> RunOnDevice(IReadOnlyDictionary<string, OrtValue> inputs, IReadOnlySet<string> hostOutputs)
+    {
+        using var binding = _session.CreateIoBinding();
+        foreach (var (name, value) in inputs) binding.BindInput(name, value);
+        foreach (var name in OutputNames) binding.BindOutputToDevice(name, hostOutputs.Contains(name) ? OrtMemoryInfo.DefaultInstance : _deviceMemory);
+        using var runOptions = new RunOptions();
+        _session.RunWithBinding(runOptions, binding);
+        return binding.GetOutputValues();
+    }
+
     /// <summary>Position of the named output in what <see cref="Run"/> returns.</summary>
     public int OutputIndex(string name)
     {
@@ -42,5 +59,9 @@ public sealed class StageSession : IDisposable
         return index >= 0 ? index : throw new KeyNotFoundException($"the {Name} graph has no output '{name}'");
     }
 
-    public void Dispose() => _session.Dispose();
+    public void Dispose()
+    {
+        _session.Dispose();
+        if (!ReferenceEquals(_deviceMemory, OrtMemoryInfo.DefaultInstance)) _deviceMemory.Dispose();
+    }
 }
