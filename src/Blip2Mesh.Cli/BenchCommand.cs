@@ -412,8 +412,8 @@ internal static partial class BenchCommand
         {
             var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
             start.ArgumentList.Add(typeof(BenchCommand).Assembly.Location);
-            foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(CultureInfo.InvariantCulture),
-                         "--http-port", FreePort().ToString(CultureInfo.InvariantCulture), "--device", device,
+            foreach (var arg in (string[])["up", "--model", model, "--port", LoopbackPorts.Free().ToString(CultureInfo.InvariantCulture),
+                         "--http-port", LoopbackPorts.Free().ToString(CultureInfo.InvariantCulture), "--device", device,
                          "--decoder-replicas", decoderReplicas.ToString(CultureInfo.InvariantCulture)])
                 start.ArgumentList.Add(arg);
             if (threads is { } n) { start.ArgumentList.Add("--threads"); start.ArgumentList.Add(n.ToString(CultureInfo.InvariantCulture)); }
@@ -521,13 +521,6 @@ internal static partial class BenchCommand
                 if (!up.WaitForExit(TimeSpan.FromSeconds(60))) up.Kill(entireProcessTree: true);
             }
             up.Dispose();
-        }
-
-        private static int FreePort()
-        {
-            using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
-            listener.Start();
-            return ((System.Net.IPEndPoint)listener.LocalEndpoint).Port;
         }
 
         [LibraryImport("libc", EntryPoint = "kill")]

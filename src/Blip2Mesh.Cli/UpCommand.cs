@@ -1,6 +1,4 @@
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using Grpc.Health.V1;
 using Grpc.Net.Client;
@@ -35,9 +33,9 @@ internal static partial class UpCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
         try
         {
-            var vision = Start(services, "vision", model, device, threads, FreePort(), FreePort());
-            var qformer = Start(services, "qformer", model, device, threads, FreePort(), FreePort());
-            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, FreePort(), FreePort()).Port).ToList();
+            var vision = Start(services, "vision", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free());
+            var qformer = Start(services, "qformer", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free());
+            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free()).Port).ToList();
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
                 "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}"))];
             Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);
@@ -121,13 +119,6 @@ internal static partial class UpCommand
             if (!service.Process.WaitForExit(TimeSpan.FromSeconds(35))) service.Process.Kill(entireProcessTree: true);
             service.Process.Dispose();
         }
-    }
-
-    private static int FreePort()
-    {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
     }
 
     private const int Sigterm = 15;

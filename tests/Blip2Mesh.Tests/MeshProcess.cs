@@ -1,6 +1,4 @@
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using System.Runtime.InteropServices;
 
 namespace Blip2Mesh.Tests;
@@ -56,12 +54,7 @@ public sealed partial class MeshProcess : IDisposable
         HttpAddress = http ?? throw new InvalidOperationException("no http address printed");
     }
 
-    public static int FreePort()
-    {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
-    }
+    public static int FreePort() => Cli.LoopbackPorts.Free();
 
     public void Dispose()
     {
