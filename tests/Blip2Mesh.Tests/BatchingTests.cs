@@ -40,7 +40,8 @@ public sealed class BatchingTests
     {
         (int Image, string Prompt, GenerationOptions Options)[] requests =
         [
-            (0, "a photo of", new GenerationOptions { MaxNewTokens = 300, MinNewTokens = 300 }),
+            // Long enough to still be decoding when the others join, however the tokens are read.
+            (0, "a photo of", new GenerationOptions { MaxNewTokens = 1000, MinNewTokens = 1000 }),
             (3, "", new GenerationOptions { NumBeams = 4 }),
             (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
             (6, "a photo of", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
@@ -55,7 +56,7 @@ public sealed class BatchingTests
         await foreach (var decoded in batcher.Submit(first, CancellationToken.None))
         {
             firstTokens.AddRange(decoded.Ids);
-            if (others.Count < requests.Length - 1 && firstTokens.Count >= joinAfter[others.Count])
+            while (others.Count < requests.Length - 1 && firstTokens.Count >= joinAfter[others.Count])
             {
                 var (image, prompt, options) = requests[others.Count + 1];
                 var state = Start(image, prompt, options);

@@ -177,7 +177,6 @@ public sealed class SyntheticCheckpointTests(SynthesisedCheckpoints synth) : ICl
             ["query_output"] = qformer.QueryOutput,
             ["query_embeds"] = qformer.QueryEmbeds,
             ["last_hidden_state"] = encoder.LastHiddenState,
-            ["cross_key.0"] = encoder.CrossKeys[0],
             ["logits"] = logits,
         };
     }

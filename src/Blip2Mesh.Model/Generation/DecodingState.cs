@@ -38,8 +38,9 @@ public sealed class DecodingState : IDisposable
         // HF starts every beam but the first at -1e9 so the first step expands one beam only.
         _beamScores = Enumerable.Range(0, rows).Select(i => i == 0 ? 0f : -1e9f).ToArray();
 
-        CrossKeys = encoder.CrossKeys.Select(t => Repeat(t, rows)).ToArray();
-        CrossValues = encoder.CrossValues.Select(t => Repeat(t, rows)).ToArray();
+        // Every beam reads the one encoder row.
+        Cross = new CacheRows(encoder.Cross, new int[rows]);
+        encoder.Cross.Hold();
         EncoderMask = Enumerable.Repeat(encoder.AttentionMask, rows).SelectMany(m => m).ToArray();
     }
 
@@ -55,8 +56,8 @@ public sealed class DecodingState : IDisposable
     public bool IsFinished { get; private set; }
     /// <summary>This request's rows of a shared self-attention cache, one per row in row order; none before its first step.</summary>
     public CacheRows? Cache { get; private set; }
-    public FloatTensor[] CrossKeys { get; }
-    public FloatTensor[] CrossValues { get; }
+    /// <summary>The encoder's cross-attention keys/values for each row, until the request finishes.</summary>
+    public CacheRows? Cross { get; private set; }
     public long[] EncoderMask { get; }
     /// <summary>Per generated step, the raw logit of the token greedy/sampling chose (for parity checks).</summary>
     public List<float> ChosenTokenLogits { get; } = [];
@@ -92,11 +93,17 @@ public sealed class DecodingState : IDisposable
         if (IsFinished) throw new InvalidOperationException("the request has already finished");
         if (_options.IsBeamSearch) AdvanceBeams(logits, present);
         else AdvanceSingle(logits, present);
-        if (IsFinished) Hold(null);
+        if (IsFinished) Dispose();
         return TakeStableTokens();
     }
 
-    public void Dispose() => Hold(null);
+    /// <summary>Lets go of the request's caches (done on finishing; call it for a request that leaves unfinished).</summary>
+    public void Dispose()
+    {
+        Hold(null);
+        Cross?.Cache.Release();
+        Cross = null;
+    }
 
     private void Hold(CacheRows? next)
     {
@@ -268,10 +275,7 @@ public sealed class DecodingState : IDisposable
         return scores.Select((s, i) => (Index: i, Score: s))
             .OrderByDescending(x => x.Score).ThenBy(x => x.Index).Take(k).ToArray();
     }
-
-    private static FloatTensor Repeat(FloatTensor row, int times) =>
-        times == 1 ? row : FloatTensor.Stack(Enumerable.Repeat(row, times).ToList());
 }
 
 /// <summary>Which rows of a shared self-attention cache belong to one request, in the request's row order.</summary>
-public sealed record CacheRows(SelfAttentionCache Cache, int[] Rows);
+public sealed record CacheRows(KeyValueCache Cache, int[] Rows);

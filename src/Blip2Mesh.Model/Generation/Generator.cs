@@ -9,9 +9,11 @@ namespace Blip2Mesh.Model.Generation;
 /// </summary>
 public sealed class Generator(Blip2Model model)
 {
-    private sealed record CrossInputs(DecodingState[] States, FloatTensor[] Keys, FloatTensor[] Values, long[] EncoderMask);
+    /// <summary>The cross-attention inputs of one batch composition; holds one reference on <see cref="Cache"/>.</summary>
+    private sealed record CrossInputs(DecodingState[] States, KeyValueCache Cache, long[] EncoderMask);
 
-    private volatile CrossInputs? _cross;
+    private readonly Lock _crossGate = new();
+    private CrossInputs? _cross;
 
     public Blip2Model Model => model;
 
@@ -30,30 +32,20 @@ public sealed class Generator(Blip2Model model)
     public IReadOnlyList<IReadOnlyList<int>> Step(IReadOnlyList<DecodingState> states)
     {
         var slots = states.Max(s => s.Length) - 1;
-        var sequence = states.Max(s => s.EncoderMask.Length / s.Rows);
         var inputIds = states.SelectMany(s => s.NextInputIds()).ToArray();
         var keyPositions = states.SelectMany(s => s.KeyPositions(slots)).ToArray();
 
-        // The cross-attention inputs never change while the same requests step together: combine them once.
-        var cross = _cross;
-        if (cross is null || !cross.States.SequenceEqual(states))
-        {
-            FloatTensor[] Combine(Func<DecodingState, FloatTensor[]> pick) => Enumerable.Range(0, model.Config.Text.NumDecoderLayers)
-                .Select(i => FloatTensor.Stack(states.Select(s => RowBatch.PadBack(pick(s)[i], sequence)).ToList())).ToArray();
-            cross = new CrossInputs([.. states], Combine(s => s.CrossKeys), Combine(s => s.CrossValues),
-                states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray());
-            _cross = cross;
-        }
-
-        var (past, regrouped) = PastFor(states, slots);
+        var cross = HoldCrossInputs(states);
+        var (past, regrouped) = Combine(states.Select(s => s.Cache).ToList(), states, slots, SlotPadding.Front);
         DecoderStepOutput step;
         try
         {
-            step = model.DecodeStep(inputIds, keyPositions, past, cross.Keys, cross.Values, cross.EncoderMask);
+            step = model.DecodeStep(inputIds, keyPositions, past, cross.Cache, cross.EncoderMask);
         }
         finally
         {
             if (regrouped) past.Dispose();
+            cross.Cache.Release();
         }
 
         var results = new List<IReadOnlyList<int>>(states.Count);
@@ -68,24 +60,55 @@ public sealed class Generator(Blip2Model model)
         }
         step.Present.Release();
         // A finished request leaves the batch: let its cross-attention inputs go rather than hold them while idle.
-        if (states.Any(s => s.IsFinished)) _cross = null;
+        if (states.Any(s => s.IsFinished)) ReplaceCrossInputs(null);
         return results;
     }
 
     /// <summary>
-    /// The step's past cache: the cache the requests already share when they hold all of its rows in order (the
-    /// usual case while a batch keeps its members), else a new one regrouped from theirs on the device.
+    /// The batch's cross-attention inputs, held for one step. They never change while the same requests step
+    /// together, so they are combined once per batch composition.
     /// </summary>
-    private (SelfAttentionCache Past, bool Regrouped) PastFor(IReadOnlyList<DecodingState> states, long slots)
+    private CrossInputs HoldCrossInputs(IReadOnlyList<DecodingState> states)
     {
-        var shared = states[0].Cache?.Cache;
-        var order = states.SelectMany(s => s.Cache?.Rows ?? []).ToArray();
-        if (shared is not null && shared.Slots == slots && shared.Rows == order.Length && states.All(s => s.Cache?.Cache == shared)
+        lock (_crossGate)
+        {
+            if (_cross is null || !_cross.States.SequenceEqual(states))
+            {
+                var sequence = states.Max(s => s.EncoderMask.Length / s.Rows);
+                var (cache, _) = Combine(states.Select(s => s.Cross).ToList(), states, sequence, SlotPadding.Back);
+                ReplaceCrossInputs(new CrossInputs([.. states], cache, states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray()));
+            }
+            _cross!.Cache.Hold();
+            return _cross;
+        }
+    }
+
+    private void ReplaceCrossInputs(CrossInputs? next)
+    {
+        lock (_crossGate)
+        {
+            var previous = _cross;
+            _cross = next;
+            next?.Cache.Hold();
+            previous?.Cache.Release();
+        }
+    }
+
+    /// <summary>
+    /// One cache with the requests' rows in step order and <paramref name="slots"/> slots: the cache they already
+    /// share when they hold all of its rows in order (the usual case while a batch keeps its members), else a new
+    /// one regrouped on the device (Regrouped: the caller disposes it). A request without rows yet gets empty ones.
+    /// </summary>
+    private (KeyValueCache Cache, bool Regrouped) Combine(IReadOnlyList<CacheRows?> held, IReadOnlyList<DecodingState> states, long slots, SlotPadding padding)
+    {
+        var shared = held[0]?.Cache;
+        var order = held.SelectMany(h => h?.Rows ?? []).ToArray();
+        if (shared is not null && shared.Slots == slots && shared.Rows == order.Length && held.All(h => h?.Cache == shared)
             && order.Select((r, i) => r == i).All(inOrder => inOrder))
             return (shared, false);
 
-        var sources = states.Where(s => s.Cache is not null).Select(s => s.Cache!.Cache).Distinct().ToList();
-        var firstRow = new Dictionary<SelfAttentionCache, int>();
+        var sources = held.OfType<CacheRows>().Select(h => h.Cache).Distinct().ToList();
+        var firstRow = new Dictionary<KeyValueCache, int>();
         var total = 0;
         foreach (var source in sources)
         {
@@ -94,17 +117,17 @@ public sealed class Generator(Blip2Model model)
         }
         var rowOrder = new List<long>();
         var fresh = 0;
-        foreach (var state in states)
+        for (var k = 0; k < states.Count; k++)
         {
-            if (state.Cache is { } held)
+            if (held[k] is { } rows)
             {
-                rowOrder.AddRange(held.Rows.Select(r => (long)firstRow[held.Cache] + r));
+                rowOrder.AddRange(rows.Rows.Select(r => (long)firstRow[rows.Cache] + r));
                 continue;
             }
-            if (state.Length != 1) throw new InvalidOperationException("a request past its first step has no cache");
-            for (var r = 0; r < state.Rows; r++) rowOrder.Add(total + fresh++);
+            if (states[k].Length != 1) throw new InvalidOperationException("a request past its first step has no cache");
+            for (var r = 0; r < states[k].Rows; r++) rowOrder.Add(total + fresh++);
         }
-        return (model.RegroupCache(sources, [.. rowOrder], fresh, slots), true);
+        return (model.RegroupCache(sources, [.. rowOrder], fresh, slots, padding), true);
     }
 
     /// <summary>Steps until the request finishes, yielding each step's final tokens as soon as they are known.</summary>
@@ -136,17 +159,6 @@ public sealed class Generator(Blip2Model model)
 /// <summary>Padding that lets rows of different requests share one decoder step.</summary>
 internal static class RowBatch
 {
-    /// <summary>[R, H, S, d] → [R, H, length, d] with zeros after the real entries (masked out).</summary>
-    public static FloatTensor PadBack(FloatTensor t, long length)
-    {
-        var (rows, heads, current, dim) = (t.Shape[0], t.Shape[1], t.Shape[2], t.Shape[3]);
-        if (current == length) return t;
-        var result = FloatTensor.Zeros(rows, heads, length, dim);
-        for (long rh = 0; rh < rows * heads; rh++)
-            Array.Copy(t.Data, rh * current * dim, result.Data, rh * length * dim, current * dim);
-        return result;
-    }
-
     public static IEnumerable<long> PadMask(long[] mask, int rows, int sequence)
     {
         var length = mask.Length / rows;

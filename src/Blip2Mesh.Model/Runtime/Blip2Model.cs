@@ -8,17 +8,20 @@ namespace Blip2Mesh.Model.Runtime;
 public sealed record QFormerOutput(FloatTensor QueryOutput, FloatTensor QueryEmbeds);
 
 /// <summary>
-/// Output of the T5 encoder stage: what the decoder needs for every step of a request
-/// (cross-attention keys/values per decoder layer and the encoder padding mask).
+/// Output of the T5 encoder stage: what the decoder needs for every step of a request (every decoder layer's
+/// cross-attention keys/values, left on the execution device, and the encoder padding mask).
 /// </summary>
-public sealed record EncoderOutput(FloatTensor InputsEmbeds, FloatTensor LastHiddenState, FloatTensor[] CrossKeys, FloatTensor[] CrossValues, long[] AttentionMask)
+public sealed record EncoderOutput(FloatTensor InputsEmbeds, FloatTensor LastHiddenState, KeyValueCache Cross, long[] AttentionMask)
 {
     public int Batch => (int)LastHiddenState.Shape[0];
     public int SequenceLength => (int)LastHiddenState.Shape[1];
 }
 
+/// <summary>Which side of a cache's slots holds the empty ones: in front (self-attention), or behind (cross-attention).</summary>
+public enum SlotPadding { Front, Back }
+
 /// <summary>One decoder step's result: logits [B, V] and the self-attention cache grown by one slot (the caller owns it).</summary>
-public sealed record DecoderStepOutput(FloatTensor Logits, SelfAttentionCache Present);
+public sealed record DecoderStepOutput(FloatTensor Logits, KeyValueCache Present);
 
 /// <summary>
 /// The four BLIP-2 stage graphs of one checkpoint, each built on first use and run with ONNX Runtime.
@@ -123,38 +126,35 @@ public sealed class Blip2Model : IDisposable
         using var idsValue = OrtValue.CreateTensorValueFromMemory(ids, [batch, promptLength]);
         using var maskValue = OrtValue.CreateTensorValueFromMemory(mask, [batch, sequence]);
         var session = _encoder.Value;
-        using var outputs = session.Run(new Dictionary<string, OrtValue>
+        // The cross-attention keys/values stay where they were computed: every decoder step reads them there.
+        var outputs = session.RunOnDevice(new Dictionary<string, OrtValue>
         {
             [T5EncoderGraph.QueryEmbeds] = queries,
             [T5EncoderGraph.InputIds] = idsValue,
             [T5EncoderGraph.AttentionMask] = maskValue,
-        });
+        }, new HashSet<string> { T5EncoderGraph.InputsEmbeds, T5EncoderGraph.LastHiddenState });
+        using var inputsEmbeds = outputs[session.OutputIndex(T5EncoderGraph.InputsEmbeds)];
+        using var lastHiddenState = outputs[session.OutputIndex(T5EncoderGraph.LastHiddenState)];
         var layers = Config.Text.NumDecoderLayers;
-        var crossKeys = new FloatTensor[layers];
-        var crossValues = new FloatTensor[layers];
-        for (var i = 0; i < layers; i++)
-        {
-            crossKeys[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.CrossKey(i))]);
-            crossValues[i] = Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.CrossValue(i))]);
-        }
-        return new EncoderOutput(
-            Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.InputsEmbeds)]),
-            Tensors.ToFloat(outputs[session.OutputIndex(T5EncoderGraph.LastHiddenState)]),
-            crossKeys, crossValues, mask);
+        var cross = new KeyValueCache(
+            Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5EncoderGraph.CrossKey(i))]).ToArray(),
+            Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5EncoderGraph.CrossValue(i))]).ToArray());
+        return new EncoderOutput(Tensors.ToFloat(inputsEmbeds), Tensors.ToFloat(lastHiddenState), cross, mask);
     }
 
     /// <summary>
     /// One decoder step for a batch of rows. <paramref name="keyPositions"/> is [B, past.Slots + 1] (row-major): the
     /// position of each self-attention slot, the last being the new token's own position, −1 for an empty slot.
     /// </summary>
-    public DecoderStepOutput DecodeStep(long[] inputIds, long[] keyPositions, SelfAttentionCache past,
-        FloatTensor[] crossKeys, FloatTensor[] crossValues, long[] encoderMask)
+    public DecoderStepOutput DecodeStep(long[] inputIds, long[] keyPositions, KeyValueCache past, KeyValueCache cross, long[] encoderMask)
     {
         var batch = inputIds.Length;
         var keys = keyPositions.Length / batch;
         var sequence = encoderMask.Length / batch;
         if (past.Rows != batch || past.Slots != keys - 1)
             throw new ArgumentException($"the cache holds {past.Rows} rows of {past.Slots} slots; the step has {batch} rows of {keys - 1}");
+        if (cross.Rows != batch || cross.Slots != sequence)
+            throw new ArgumentException($"the cross-attention inputs hold {cross.Rows} rows of {cross.Slots}; the step has {batch} rows of {sequence}");
         var created = new List<OrtValue>();
         try
         {
@@ -170,14 +170,14 @@ public sealed class Blip2Model : IDisposable
             {
                 inputs[T5DecoderStepGraph.PastKey(i)] = past.Key(i);
                 inputs[T5DecoderStepGraph.PastValue(i)] = past.Value(i);
-                inputs[T5EncoderGraph.CrossKey(i)] = Add(Tensors.ToOrt(crossKeys[i]));
-                inputs[T5EncoderGraph.CrossValue(i)] = Add(Tensors.ToOrt(crossValues[i]));
+                inputs[T5EncoderGraph.CrossKey(i)] = cross.Key(i);
+                inputs[T5EncoderGraph.CrossValue(i)] = cross.Value(i);
             }
             var session = _decoder.Value;
             // The grown cache stays where it was computed; only the logits come back to the host.
             var outputs = session.RunOnDevice(inputs, new HashSet<string> { T5DecoderStepGraph.Logits });
             using var logits = outputs[session.OutputIndex(T5DecoderStepGraph.Logits)];
-            var present = new SelfAttentionCache(
+            var present = new KeyValueCache(
                 Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5DecoderStepGraph.PresentKey(i))]).ToArray(),
                 Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5DecoderStepGraph.PresentValue(i))]).ToArray());
             return new DecoderStepOutput(Tensors.ToFloat(logits), present);
@@ -191,8 +191,8 @@ public sealed class Blip2Model : IDisposable
     /// <summary>The logits of the first decoder step of one encoded request (no history yet).</summary>
     public FloatTensor FirstStepLogits(EncoderOutput encoded)
     {
-        using var empty = RegroupCache([], [0], freshRows: 1, slots: 0);
-        var step = DecodeStep([Config.Text.DecoderStartTokenId], [0], empty, encoded.CrossKeys, encoded.CrossValues, encoded.AttentionMask);
+        using var empty = RegroupCache([], [0], freshRows: 1, slots: 0, SlotPadding.Front);
+        var step = DecodeStep([Config.Text.DecoderStartTokenId], [0], empty, encoded.Cross, encoded.AttentionMask);
         step.Present.Dispose();
         return step.Logits;
     }
@@ -200,10 +200,14 @@ public sealed class Blip2Model : IDisposable
     /// <summary>
     /// A new cache of <paramref name="slots"/> slots whose rows are, in order, the rows <paramref name="rowOrder"/>
     /// names: an index counts through every row of <paramref name="sources"/> in turn, then through
-    /// <paramref name="freshRows"/> empty rows. Sources are left as they are; the caller owns the result.
+    /// <paramref name="freshRows"/> empty rows. Each source gains empty slots on the side <paramref name="padding"/>
+    /// says (a self-attention cache also loses leading slots beyond <paramref name="slots"/>). Sources are left as
+    /// they are; the caller owns the result.
     /// </summary>
-    public SelfAttentionCache RegroupCache(IReadOnlyList<SelfAttentionCache> sources, long[] rowOrder, int freshRows, long slots)
+    public KeyValueCache RegroupCache(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding)
     {
+        if (padding == SlotPadding.Back && sources.Any(s => s.Slots > slots))
+            throw new ArgumentException($"cannot pad {sources.Max(s => s.Slots)} slots at the back to {slots}");
         var text = Config.Text;
         var session = _cacheRegroup.GetOrAdd(sources.Count, n => new Lazy<StageSession>(() => new StageSession(
             $"t5-cache-regroup-{n}", T5CacheRegroupGraph.Build(new OnnxGraphBuilder(Checkpoint, "t5-cache-regroup"), n), Checkpoint, _execution))).Value;
@@ -220,7 +224,9 @@ public sealed class Blip2Model : IDisposable
             {
                 var source = sources[j];
                 inputs[T5CacheRegroupGraph.Crop(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { Math.Max(0, source.Slots - slots) }, [1]));
-                inputs[T5CacheRegroupGraph.Pads(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { 0, 0, Math.Max(0, slots - source.Slots), 0, 0, 0, 0, 0L }, [8]));
+                var empty = Math.Max(0, slots - source.Slots);
+                long[] pads = padding == SlotPadding.Front ? [0, 0, empty, 0, 0, 0, 0, 0] : [0, 0, 0, 0, 0, 0, empty, 0];
+                inputs[T5CacheRegroupGraph.Pads(j)] = Add(OrtValue.CreateTensorValueFromMemory(pads, [8]));
                 for (var i = 0; i < text.NumDecoderLayers; i++)
                 {
                     inputs[T5CacheRegroupGraph.SourceKey(j, i)] = source.Key(i);
@@ -228,7 +234,7 @@ public sealed class Blip2Model : IDisposable
                 }
             }
             var outputs = session.RunOnDevice(inputs, new HashSet<string>());
-            return new SelfAttentionCache(
+            return new KeyValueCache(
                 Enumerable.Range(0, text.NumDecoderLayers).Select(i => outputs[session.OutputIndex(T5CacheRegroupGraph.Key(i))]).ToArray(),
                 Enumerable.Range(0, text.NumDecoderLayers).Select(i => outputs[session.OutputIndex(T5CacheRegroupGraph.Value(i))]).ToArray());
         }

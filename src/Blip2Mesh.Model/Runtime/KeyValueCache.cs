@@ -3,19 +3,20 @@ using Microsoft.ML.OnnxRuntime;
 namespace Blip2Mesh.Model.Runtime;
 
 /// <summary>
-/// The decoder's self-attention keys and values for a batch of rows, [rows, heads, slots, d_kv] per layer, held by
-/// ONNX Runtime where the step computed them (device memory on CUDA) until the next step reads them: the cache
-/// never passes through managed arrays. A row's entries fill its last slots; the slots in front are empty.
-/// Shared by the requests whose rows it holds; freed when the last of them lets go.
+/// Attention keys and values for a batch of rows, [rows, heads, slots, d_kv] per decoder layer: the decoder's
+/// self-attention cache (a row's entries fill its last slots, empty slots in front) or the encoder's cross-attention
+/// inputs (entries first, padding behind). Held by ONNX Runtime where they were computed (device memory on CUDA)
+/// until a step reads them: they never pass through managed arrays. Shared by the requests whose rows it holds;
+/// freed when the last of them lets go.
 /// </summary>
-public sealed class SelfAttentionCache : IDisposable
+public sealed class KeyValueCache : IDisposable
 {
     private readonly OrtValue[] _keys;
     private readonly OrtValue[] _values;
     private int _holders;
     private int _disposed;
 
-    internal SelfAttentionCache(OrtValue[] keys, OrtValue[] values)
+    internal KeyValueCache(OrtValue[] keys, OrtValue[] values)
     {
         _keys = keys;
         _values = values;
