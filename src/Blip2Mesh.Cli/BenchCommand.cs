@@ -347,6 +347,8 @@ internal static partial class BenchCommand
         public InProcessTarget(string model, ExecutionOptions execution)
         {
             _pipeline = Blip2Pipeline.Load(model, execution);
+            // As the services do before reporting SERVING: no run measures building a session.
+            _pipeline.Model.Warm(vision: true, qformer: true, decoder: true);
             _batcher = new ContinuousBatcher(_pipeline.Generator);
         }
 

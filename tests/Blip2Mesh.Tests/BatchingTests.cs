@@ -106,6 +106,44 @@ public sealed class BatchingTests
         Assert.Equal(Alone(5, "", shorter), greedy.Results[0].Ids);
     }
 
+    [Theory]
+    [InlineData(SlotPadding.Front)]
+    [InlineData(SlotPadding.Back)]
+    public void TheCacheRegroupGraphCopiesExactlyWhatTheHostCopyDoes(SlotPadding padding)
+    {
+        // The graph is what CUDA runs; on CPU the host copy runs. Three sources of different slot counts (merged two
+        // at a time), rows reordered and repeated, empty rows, slots both cropped and padded.
+        var model = Pipeline.Model;
+        var text = model.Config.Text;
+        var random = new Random(5);
+        Microsoft.ML.OnnxRuntime.OrtValue Random(int rows, long slots) => Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(
+            Enumerable.Range(0, rows * text.NumHeads * (int)slots * text.DKv).Select(_ => (float)random.NextDouble()).ToArray(),
+            [rows, text.NumHeads, slots, text.DKv]);
+        KeyValueCache Cache(int rows, long slots) => new(
+            Enumerable.Range(0, text.NumDecoderLayers).Select(_ => Random(rows, slots)).ToArray(),
+            Enumerable.Range(0, text.NumDecoderLayers).Select(_ => Random(rows, slots)).ToArray());
+        using var a = Cache(2, 5);
+        using var b = Cache(3, 9);
+        using var c = Cache(1, 7);
+        // Rows counted through a (0-1), b (2-4), c (5), then the empty one (6).
+        long[] order = [6, 3, 0, 0, 5, 2, 4, 1];
+        using var onHost = model.RegroupOnHost([a, b, c], order, freshRows: 1, slots: 7, padding);
+        using var onDevice = model.RegroupOnDevice([a, b, c], order, freshRows: 1, slots: 7, padding);
+        Assert.Equal((8, 7L), (onHost.Rows, onHost.Slots));
+        Assert.Equal((8, 7L), (onDevice.Rows, onDevice.Slots));
+        for (var i = 0; i < text.NumDecoderLayers; i++)
+        {
+            Assert.Equal(onHost.Key(i).GetTensorDataAsSpan<float>().ToArray(), onDevice.Key(i).GetTensorDataAsSpan<float>().ToArray());
+            Assert.Equal(onHost.Value(i).GetTensorDataAsSpan<float>().ToArray(), onDevice.Value(i).GetTensorDataAsSpan<float>().ToArray());
+        }
+        // Row 0 is the empty row; row 5 is b's first row, cropped (front: its last 7 slots; back: its first 7).
+        Assert.All(onHost.Key(0).GetTensorDataAsSpan<float>()[..(text.NumHeads * 7 * text.DKv)].ToArray(), x => Assert.Equal(0f, x));
+        var bKey = b.Key(0).GetTensorDataAsSpan<float>();
+        var from = padding == SlotPadding.Front ? 2 : 0;
+        Assert.Equal(bKey.Slice(from * text.DKv, 7 * text.DKv).ToArray(),
+            onHost.Key(0).GetTensorDataAsSpan<float>().Slice(5 * text.NumHeads * 7 * text.DKv, 7 * text.DKv).ToArray());
+    }
+
     [Fact]
     public async Task TheKvBudgetQueuesWhatDoesNotFitAndCancellationFreesIt()
     {

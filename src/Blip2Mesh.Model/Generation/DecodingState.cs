@@ -112,6 +112,14 @@ public sealed class DecodingState : IDisposable
         Cache = next;
     }
 
+    /// <summary>Reads its cross-attention inputs from <paramref name="rows"/> (a batch's combined copy) from now on.</summary>
+    internal void MoveCross(CacheRows rows)
+    {
+        rows.Cache.Hold();
+        Cross?.Cache.Release();
+        Cross = rows;
+    }
+
     private void AdvanceSingle(FloatTensor logits, CacheRows present)
     {
         var ids = _rows[0];

@@ -9,12 +9,6 @@ namespace Blip2Mesh.Model.Generation;
 /// </summary>
 public sealed class Generator(Blip2Model model)
 {
-    /// <summary>The cross-attention inputs of one batch composition; holds one reference on <see cref="Cache"/>.</summary>
-    private sealed record CrossInputs(DecodingState[] States, KeyValueCache Cache, long[] EncoderMask);
-
-    private readonly Lock _crossGate = new();
-    private CrossInputs? _cross;
-
     public Blip2Model Model => model;
 
     /// <summary>Encodes [query_embeds ; prompt ids] once and prepares the request's decoding state.</summary>
@@ -32,66 +26,45 @@ public sealed class Generator(Blip2Model model)
     public IReadOnlyList<IReadOnlyList<int>> Step(IReadOnlyList<DecodingState> states)
     {
         var slots = states.Max(s => s.Length) - 1;
+        var sequence = states.Max(s => s.EncoderMask.Length / s.Rows);
         var inputIds = states.SelectMany(s => s.NextInputIds()).ToArray();
         var keyPositions = states.SelectMany(s => s.KeyPositions(slots)).ToArray();
+        var encoderMask = states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray();
 
-        var cross = HoldCrossInputs(states);
-        var (past, regrouped) = Combine(states.Select(s => s.Cache).ToList(), states, slots, SlotPadding.Front);
+        // The cross-attention inputs never change while the same requests step together: when the batch changes,
+        // the requests move to one regrouped copy and share it from then on.
+        var (cross, crossRegrouped) = Combine(states.Select(s => s.Cross).ToList(), states, sequence, SlotPadding.Back);
+        if (crossRegrouped) HandOut(states, cross, (state, rows) => state.MoveCross(rows));
+
+        var (past, pastRegrouped) = Combine(states.Select(s => s.Cache).ToList(), states, slots, SlotPadding.Front);
         DecoderStepOutput step;
         try
         {
-            step = model.DecodeStep(inputIds, keyPositions, past, cross.Cache, cross.EncoderMask);
+            step = model.DecodeStep(inputIds, keyPositions, past, cross, encoderMask);
         }
         finally
         {
-            if (regrouped) past.Dispose();
-            cross.Cache.Release();
+            if (pastRegrouped) past.Dispose();
         }
 
+        var logits = step.Logits;
         var results = new List<IReadOnlyList<int>>(states.Count);
-        var row = 0;
-        // Held while it is handed out, so a request that finishes (and lets go) before the others cannot free it.
-        step.Present.Hold();
-        foreach (var state in states)
-        {
-            var rows = Enumerable.Range(row, state.Rows).ToArray();
-            results.Add(state.Advance(step.Logits.Slice(row, state.Rows), new CacheRows(step.Present, rows)));
-            row += state.Rows;
-        }
-        step.Present.Release();
-        // A finished request leaves the batch: let its cross-attention inputs go rather than hold them while idle.
-        if (states.Any(s => s.IsFinished)) ReplaceCrossInputs(null);
+        HandOut(states, step.Present, (state, rows) => results.Add(state.Advance(logits.Slice(rows.Rows[0], state.Rows), rows)));
         return results;
     }
 
-    /// <summary>
-    /// The batch's cross-attention inputs, held for one step. They never change while the same requests step
-    /// together, so they are combined once per batch composition.
-    /// </summary>
-    private CrossInputs HoldCrossInputs(IReadOnlyList<DecodingState> states)
+    /// <summary>Gives each request its rows of a batch cache (the batch's rows are the requests' rows in order).</summary>
+    private static void HandOut(IReadOnlyList<DecodingState> states, KeyValueCache cache, Action<DecodingState, CacheRows> give)
     {
-        lock (_crossGate)
+        // Held while it is handed out, so a request that finishes (and lets go) before the others cannot free it.
+        cache.Hold();
+        var row = 0;
+        foreach (var state in states)
         {
-            if (_cross is null || !_cross.States.SequenceEqual(states))
-            {
-                var sequence = states.Max(s => s.EncoderMask.Length / s.Rows);
-                var (cache, _) = Combine(states.Select(s => s.Cross).ToList(), states, sequence, SlotPadding.Back);
-                ReplaceCrossInputs(new CrossInputs([.. states], cache, states.SelectMany(s => RowBatch.PadMask(s.EncoderMask, s.Rows, sequence)).ToArray()));
-            }
-            _cross!.Cache.Hold();
-            return _cross;
+            give(state, new CacheRows(cache, Enumerable.Range(row, state.Rows).ToArray()));
+            row += state.Rows;
         }
-    }
-
-    private void ReplaceCrossInputs(CrossInputs? next)
-    {
-        lock (_crossGate)
-        {
-            var previous = _cross;
-            _cross = next;
-            next?.Cache.Hold();
-            previous?.Cache.Release();
-        }
+        cache.Release();
     }
 
     /// <summary>

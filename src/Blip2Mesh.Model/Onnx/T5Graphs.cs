@@ -226,12 +226,13 @@ internal static class T5Weights
 }
 
 /// <summary>
-/// Regroups decoder self-attention caches for the next batched step, on the device the step runs on: rows from
-/// any number of source caches, each brought to the batch's slot count (leading slots that no kept row uses are
-/// cropped, missing ones added as empty slots in front), then empty rows for requests that have no cache yet,
-/// then every row put in the order the step wants (which also applies beam search's row choices).
+/// Regroups attention caches for the next batched step, on the device the step runs on: rows from any number of
+/// source caches, each brought to the batch's slot count (slots that no kept row uses are cropped, missing ones
+/// added as empty slots, in front for the self-attention cache and behind for cross-attention inputs), then empty
+/// rows for requests that have no cache yet, then every row put in the order the step wants (which also applies
+/// beam search's row choices).
 /// <code>
-/// source_j ─Slice(crop_j leading slots)─Pad(pads_j: empty slots in front)─┐
+/// source_j ─Slice(kept_j slots)─Pad(pads_j: empty slots)──────────────────┐
 /// …                                                                        ├─Concat(rows)─Gather(row_order)─▶ key.{i}, value.{i}
 /// ConstantOfShape(fresh_shape): zero rows ─────────────────────────────────┘
 /// </code>
@@ -240,7 +241,8 @@ public static class T5CacheRegroupGraph
 {
     public const string RowOrder = "row_order";
     public const string FreshShape = "fresh_shape";
-    public static string Crop(int source) => $"crop.{source}";
+    public static string KeptStart(int source) => $"kept_start.{source}";
+    public static string KeptEnd(int source) => $"kept_end.{source}";
     public static string Pads(int source) => $"pads.{source}";
     public static string SourceKey(int source, int layer) => $"source.{source}.key.{layer}";
     public static string SourceValue(int source, int layer) => $"source.{source}.value.{layer}";
@@ -252,7 +254,8 @@ public static class T5CacheRegroupGraph
         var c = g.Config.Text;
         var order = g.Input(RowOrder, DataType.Int64, "rows");
         var freshShape = g.Input(FreshShape, DataType.Int64, 4);
-        var crops = Enumerable.Range(0, sources).Select(j => g.Input(Crop(j), DataType.Int64, 1)).ToArray();
+        var keptStarts = Enumerable.Range(0, sources).Select(j => g.Input(KeptStart(j), DataType.Int64, 1)).ToArray();
+        var keptEnds = Enumerable.Range(0, sources).Select(j => g.Input(KeptEnd(j), DataType.Int64, 1)).ToArray();
         var pads = Enumerable.Range(0, sources).Select(j => g.Input(Pads(j), DataType.Int64, 8)).ToArray();
         var fresh = g.Op("ConstantOfShape", "/fresh/ConstantOfShape", [freshShape]);
         for (var i = 0; i < c.NumDecoderLayers; i++)
@@ -264,7 +267,7 @@ public static class T5CacheRegroupGraph
                 for (var j = 0; j < sources; j++)
                 {
                     var cache = g.Input(source(j, i), DataType.Float, $"rows_{j}", c.NumHeads, $"slots_{j}", c.DKv);
-                    var cropped = g.Op("Slice", $"{name}/source.{j}/Crop", [cache, crops[j], g.Ints(long.MaxValue), g.Ints(2)]);
+                    var cropped = g.Op("Slice", $"{name}/source.{j}/Crop", [cache, keptStarts[j], keptEnds[j], g.Ints(2)]);
                     parts.Add(g.Op("Pad", $"{name}/source.{j}/Pad", [cropped, pads[j]]));
                 }
                 parts.Add(fresh);

@@ -35,7 +35,8 @@ public sealed class Blip2Model : IDisposable
     private readonly Lazy<StageSession> _qformer;
     private readonly Lazy<StageSession> _encoder;
     private readonly Lazy<StageSession> _decoder;
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, Lazy<StageSession>> _cacheRegroup = new();
+    /// <summary>Regroup graphs by their number of sources: 0, 1 or 2 (more are merged two at a time).</summary>
+    private readonly Lazy<StageSession>[] _cacheRegroup;
 
     public Blip2Checkpoint Checkpoint { get; }
     public Blip2Config Config => Checkpoint.Config;
@@ -50,6 +51,7 @@ public sealed class Blip2Model : IDisposable
         _qformer = Stage("qformer", graphs["qformer"]);
         _encoder = Stage("t5-encoder", graphs["t5-encoder"]);
         _decoder = Stage("t5-decoder-step", graphs["t5-decoder-step"]);
+        _cacheRegroup = Enumerable.Range(0, 3).Select(n => Stage($"t5-cache-regroup-{n}", g => T5CacheRegroupGraph.Build(g, n))).ToArray();
     }
 
     /// <param name="rgbNormalization">The image processor's rescale/normalise settings, folded into the uint8 vision graph.</param>
@@ -74,7 +76,13 @@ public sealed class Blip2Model : IDisposable
     {
         if (vision) _ = _visionRgb8.Value;
         if (qformer) _ = _qformer.Value;
-        if (decoder) { _ = _encoder.Value; _ = _decoder.Value; }
+        if (decoder)
+        {
+            _ = _encoder.Value;
+            _ = _decoder.Value;
+            if (_execution.Device != ExecutionDevice.Cpu)
+                foreach (var regroup in _cacheRegroup) _ = regroup.Value;
+        }
     }
 
     /// <summary>Vision stage on preprocessed float pixel_values [B, 3, H, W] → image_embeds [B, N, Dv].</summary>
@@ -200,17 +208,56 @@ public sealed class Blip2Model : IDisposable
     /// <summary>
     /// A new cache of <paramref name="slots"/> slots whose rows are, in order, the rows <paramref name="rowOrder"/>
     /// names: an index counts through every row of <paramref name="sources"/> in turn, then through
-    /// <paramref name="freshRows"/> empty rows. Each source gains empty slots on the side <paramref name="padding"/>
-    /// says (a self-attention cache also loses leading slots beyond <paramref name="slots"/>). Sources are left as
-    /// they are; the caller owns the result.
+    /// <paramref name="freshRows"/> empty rows. Each source gains or loses empty slots on the side
+    /// <paramref name="padding"/> says. Sources are left as they are; the caller owns the result.
     /// </summary>
-    public KeyValueCache RegroupCache(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding)
+    public KeyValueCache RegroupCache(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding) =>
+        // In host memory a copy loop does it in microseconds; a graph run costs more than the copying it does there.
+        _execution.Device == ExecutionDevice.Cpu
+            ? RegroupOnHost(sources, rowOrder, freshRows, slots, padding)
+            : RegroupOnDevice(sources, rowOrder, freshRows, slots, padding);
+
+    internal KeyValueCache RegroupOnHost(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding)
     {
-        if (padding == SlotPadding.Back && sources.Any(s => s.Slots > slots))
-            throw new ArgumentException($"cannot pad {sources.Max(s => s.Slots)} slots at the back to {slots}");
         var text = Config.Text;
-        var session = _cacheRegroup.GetOrAdd(sources.Count, n => new Lazy<StageSession>(() => new StageSession(
-            $"t5-cache-regroup-{n}", T5CacheRegroupGraph.Build(new OnnxGraphBuilder(Checkpoint, "t5-cache-regroup"), n), Checkpoint, _execution))).Value;
+        var (heads, dim) = (text.NumHeads, text.DKv);
+        var concatenated = sources.SelectMany(s => Enumerable.Range(0, s.Rows).Select(r => (Cache: (KeyValueCache?)s, Row: r)))
+            .Concat(Enumerable.Repeat((Cache: (KeyValueCache?)null, Row: 0), freshRows)).ToArray();
+        OrtValue Copy(Func<KeyValueCache, OrtValue> pick)
+        {
+            var result = OrtValue.CreateAllocatedTensorValue(OrtAllocator.DefaultInstance, Microsoft.ML.OnnxRuntime.Tensors.TensorElementType.Float, [rowOrder.Length, heads, slots, dim]);
+            var target = result.GetTensorMutableDataAsSpan<float>();
+            target.Clear();
+            for (var i = 0; i < rowOrder.Length; i++)
+            {
+                if (concatenated[rowOrder[i]] is not ({ } cache, var row)) continue;
+                var source = pick(cache).GetTensorDataAsSpan<float>();
+                var kept = (int)Math.Min(cache.Slots, slots);
+                var from = padding == SlotPadding.Front ? cache.Slots - kept : 0;
+                var to = padding == SlotPadding.Front ? slots - kept : 0;
+                for (var h = 0; h < heads; h++)
+                    source.Slice((int)(((row * heads + h) * cache.Slots + from) * dim), kept * (int)dim)
+                        .CopyTo(target.Slice((int)(((i * heads + h) * slots + to) * dim)));
+            }
+            return result;
+        }
+        var layers = Enumerable.Range(0, text.NumDecoderLayers).ToArray();
+        return new KeyValueCache(layers.Select(i => Copy(c => c.Key(i))).ToArray(), layers.Select(i => Copy(c => c.Value(i))).ToArray());
+    }
+
+    internal KeyValueCache RegroupOnDevice(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding)
+    {
+        if (sources.Count <= 2) return RunRegroupGraph(sources, rowOrder, freshRows, slots, padding);
+        // The first two merged keep their rows' numbering, so the order still holds.
+        var firstTwo = sources[0].Rows + sources[1].Rows;
+        using var merged = RunRegroupGraph([sources[0], sources[1]], [.. Enumerable.Range(0, firstTwo).Select(r => (long)r)], 0, slots, padding);
+        return RegroupOnDevice([merged, .. sources.Skip(2)], rowOrder, freshRows, slots, padding);
+    }
+
+    private KeyValueCache RunRegroupGraph(IReadOnlyList<KeyValueCache> sources, long[] rowOrder, int freshRows, long slots, SlotPadding padding)
+    {
+        var text = Config.Text;
+        var session = _cacheRegroup[sources.Count].Value;
         var created = new List<OrtValue>();
         try
         {
@@ -223,7 +270,11 @@ public sealed class Blip2Model : IDisposable
             for (var j = 0; j < sources.Count; j++)
             {
                 var source = sources[j];
-                inputs[T5CacheRegroupGraph.Crop(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { Math.Max(0, source.Slots - slots) }, [1]));
+                var (keptStart, keptEnd) = padding == SlotPadding.Front
+                    ? (Math.Max(0, source.Slots - slots), source.Slots)
+                    : (0, Math.Min(source.Slots, slots));
+                inputs[T5CacheRegroupGraph.KeptStart(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { keptStart }, [1]));
+                inputs[T5CacheRegroupGraph.KeptEnd(j)] = Add(OrtValue.CreateTensorValueFromMemory(new[] { keptEnd }, [1]));
                 var empty = Math.Max(0, slots - source.Slots);
                 long[] pads = padding == SlotPadding.Front ? [0, 0, empty, 0, 0, 0, 0, 0] : [0, 0, 0, 0, 0, 0, empty, 0];
                 inputs[T5CacheRegroupGraph.Pads(j)] = Add(OrtValue.CreateTensorValueFromMemory(pads, [8]));
@@ -246,7 +297,7 @@ public sealed class Blip2Model : IDisposable
 
     public void Dispose()
     {
-        foreach (var stage in new[] { _visionPixelValues, _visionRgb8, _qformer, _encoder, _decoder }.Concat(_cacheRegroup.Values))
+        foreach (var stage in new[] { _visionPixelValues, _visionRgb8, _qformer, _encoder, _decoder }.Concat(_cacheRegroup))
             if (stage.IsValueCreated) stage.Value.Dispose();
         Checkpoint.Dispose();
     }
