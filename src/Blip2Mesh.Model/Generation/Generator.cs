@@ -70,7 +70,7 @@ public sealed class Generator(Blip2Model model)
     /// <summary>
     /// One cache with the requests' rows in step order and <paramref name="slots"/> slots: the cache they already
     /// share when they hold all of its rows in order (the usual case while a batch keeps its members), else a new
-    /// one regrouped on the device (Regrouped: the caller disposes it). A request without rows yet gets empty ones.
+    /// one regrouped from theirs (Regrouped: the caller owns it). A request without rows yet gets empty ones.
     /// </summary>
     private (KeyValueCache Cache, bool Regrouped) Combine(IReadOnlyList<CacheRows?> held, IReadOnlyList<DecodingState> states, long slots, SlotPadding padding)
     {
