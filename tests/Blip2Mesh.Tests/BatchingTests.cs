@@ -40,30 +40,32 @@ public sealed class BatchingTests
     {
         (int Image, string Prompt, GenerationOptions Options)[] requests =
         [
-            // Long enough to still be decoding when the others join, however the tokens are read.
-            (0, "a photo of", new GenerationOptions { MaxNewTokens = 1000, MinNewTokens = 1000 }),
+            (0, "a photo of", new GenerationOptions { MaxNewTokens = 40, MinNewTokens = 40 }),
             (3, "", new GenerationOptions { NumBeams = 4 }),
             (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
             (6, "a photo of", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
         ];
-        var stepRows = new System.Collections.Concurrent.ConcurrentBag<int>();
-        await using var batcher = new ContinuousBatcher(Pipeline.Generator, onStep: stepRows.Add);
-        var first = Start(requests[0].Image, requests[0].Prompt, requests[0].Options);
-        var firstTokens = new List<int>();
+        var stepRows = new List<int>();
         var others = new List<(DecodingState State, Task<List<int>> Tokens)>();
-        int[] joinAfter = [3, 7, 12];
-        // The others join one by one while the first is mid-way, so rows of different lengths share steps.
-        await foreach (var decoded in batcher.Submit(first, CancellationToken.None))
+        int[] joinBeforeStep = [3, 7, 12];
+        ContinuousBatcher batcher = null!;
+        // The others join one by one while the first is mid-way, so rows of different lengths share steps. They are
+        // submitted from the batch loop itself (told of every step), so when they join never depends on thread timing.
+        batcher = new ContinuousBatcher(Pipeline.Generator, onStep: rows =>
         {
-            firstTokens.AddRange(decoded.Ids);
-            while (others.Count < requests.Length - 1 && firstTokens.Count >= joinAfter[others.Count])
+            stepRows.Add(rows);
+            if (others.Count < joinBeforeStep.Length && stepRows.Count == joinBeforeStep[others.Count])
             {
                 var (image, prompt, options) = requests[others.Count + 1];
                 var state = Start(image, prompt, options);
                 others.Add((state, Collect(batcher.Submit(state, CancellationToken.None))));
             }
-        }
+        });
+        await using var _ = batcher;
+        var first = Start(requests[0].Image, requests[0].Prompt, requests[0].Options);
+        var firstTokens = await Collect(batcher.Submit(first, CancellationToken.None));
         Assert.Equal(requests.Length - 1, others.Count);
+        await Task.WhenAll(others.Select(o => o.Tokens));
         Assert.True(stepRows.Max() > 1, "no step was shared");
         Assert.Equal(Alone(requests[0].Image, requests[0].Prompt, requests[0].Options), first.Results[0].Ids);
         Assert.Equal(first.Results[0].Ids.Skip(1), firstTokens);
