@@ -4,18 +4,24 @@ namespace Blip2Mesh.Gateway;
 
 /// <summary>
 /// In-process cache of projected query embeddings, bounded by bytes with least-recently-used eviction.
-/// Concurrent requests for the same missing key share one computation.
+/// Concurrent requests for the same missing key share one computation, which runs outside the cache's lock (a
+/// lookup never waits for anybody's image) and is cancelled once nobody waits for it any more.
 /// </summary>
 public sealed class EmbeddingCache(long capacityBytes)
 {
-    private readonly object _lock = new();
+    private readonly Lock _lock = new();
     private readonly Dictionary<string, LinkedListNode<(string Key, FloatTensor Value)>> _entries = new(StringComparer.Ordinal);
     private readonly LinkedList<(string Key, FloatTensor Value)> _recency = new();
-    private readonly Dictionary<string, Task<FloatTensor>> _inFlight = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, Computation> _inFlight = new(StringComparer.Ordinal);
     private long _bytes;
 
-    public long Bytes { get { lock (_lock) return _bytes; } }
-    public int Count { get { lock (_lock) return _entries.Count; } }
+    /// <summary>One computation of a missing key and the requests waiting for it.</summary>
+    private sealed class Computation
+    {
+        public TaskCompletionSource<FloatTensor> Result { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public CancellationTokenSource Abandoned { get; } = new();
+        public int Waiters;
+    }
 
     public bool TryGet(string key, out FloatTensor value)
     {
@@ -35,11 +41,12 @@ public sealed class EmbeddingCache(long capacityBytes)
 
     /// <summary>
     /// The cached value, or the one <paramref name="compute"/> produces, once however many ask at once. The
-    /// computation belongs to no caller: one giving up (<paramref name="cancellation"/>) stops waiting, not the others.
+    /// computation belongs to no caller: one giving up (<paramref name="cancellation"/>) stops waiting, not the others;
+    /// when the last waiter gives up, the token given to <paramref name="compute"/> is cancelled.
     /// </summary>
-    public async Task<(FloatTensor Value, bool Hit)> GetOrComputeAsync(string key, Func<Task<FloatTensor>> compute, CancellationToken cancellation)
+    public async Task<(FloatTensor Value, bool Hit)> GetOrComputeAsync(string key, Func<CancellationToken, Task<FloatTensor>> compute, CancellationToken cancellation)
     {
-        Task<FloatTensor> task;
+        Computation computation;
         bool owner;
         lock (_lock)
         {
@@ -49,27 +56,49 @@ public sealed class EmbeddingCache(long capacityBytes)
                 _recency.AddFirst(node);
                 return (node.Value.Value, true);
             }
-            owner = !_inFlight.TryGetValue(key, out task!);
-            if (owner)
-            {
-                task = ComputeAndStoreAsync(key, compute);
-                _inFlight[key] = task;
-            }
+            owner = !_inFlight.TryGetValue(key, out computation!);
+            if (owner) _inFlight[key] = computation = new Computation();
+            computation.Waiters++;
         }
-        return (await task.WaitAsync(cancellation), !owner);
-    }
-
-    private async Task<FloatTensor> ComputeAndStoreAsync(string key, Func<Task<FloatTensor>> compute)
-    {
+        // Started outside the lock and off the caller's thread: decoding an image can take seconds of CPU.
+        if (owner) _ = Task.Run(() => ComputeAndStoreAsync(key, computation, compute));
         try
         {
-            var value = await compute();
-            Add(key, value);
-            return value;
+            return (await computation.Result.Task.WaitAsync(cancellation), !owner);
         }
         finally
         {
-            lock (_lock) _inFlight.Remove(key);
+            Leave(key, computation);
+        }
+    }
+
+    private void Leave(string key, Computation computation)
+    {
+        lock (_lock)
+        {
+            if (--computation.Waiters > 0 || computation.Result.Task.IsCompleted) return;
+            // Nobody waits any more: the next request for this key starts afresh rather than joining a cancelled run.
+            if (_inFlight.GetValueOrDefault(key) == computation) _inFlight.Remove(key);
+        }
+        computation.Abandoned.Cancel();
+    }
+
+    private async Task ComputeAndStoreAsync(string key, Computation computation, Func<CancellationToken, Task<FloatTensor>> compute)
+    {
+        try
+        {
+            var value = await compute(computation.Abandoned.Token);
+            Add(key, value);
+            computation.Result.TrySetResult(value);
+        }
+        catch (Exception e)
+        {
+            computation.Result.TrySetException(e);
+        }
+        finally
+        {
+            lock (_lock)
+                if (_inFlight.GetValueOrDefault(key) == computation) _inFlight.Remove(key);
         }
     }
 

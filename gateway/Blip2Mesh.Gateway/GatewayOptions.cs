@@ -11,6 +11,13 @@ public sealed record GatewayOptions
     public int MaxImageBytes { get; init; } = 20 * 1024 * 1024;
     /// <summary>Largest decoded image (width × height), checked from the header before decoding.</summary>
     public long MaxImagePixels { get; init; } = 50_000_000;
+    /// <summary>
+    /// Memory that decoding and resizing images may hold at once (decoded pixels and the resampler's buffer, judged from
+    /// each image's header before decoding it); an image needing more than all of it is refused.
+    /// </summary>
+    public long MaxImageWorkBytes { get; init; } = 448L << 20;
+    /// <summary>Images decoded at once; the others wait their turn.</summary>
+    public int MaxConcurrentDecodes { get; init; } = Environment.ProcessorCount;
     /// <summary>Bytes of query embeddings kept in memory (least recently used go first).</summary>
     public long CacheBytes { get; init; } = 256L * 1024 * 1024;
     /// <summary>Redis "host:port" shared by all gateway replicas as the second cache level; none when null.</summary>

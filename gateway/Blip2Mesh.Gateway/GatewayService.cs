@@ -5,6 +5,7 @@ using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Imaging;
 using Blip2Mesh.Model.Text;
 using Blip2Mesh.ServiceDefaults;
+using Blip2Mesh.Model.Errors;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
@@ -31,23 +32,21 @@ public sealed class GatewayService(
         var hasImage = !request.Image.IsEmpty;
         var hasId = !string.IsNullOrEmpty(request.ImageId);
         if (hasImage == hasId)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, hasImage
-                ? "give exactly one of image and image_id, not both"
-                : "image is empty and no image_id was given: give exactly one of image and image_id"));
+            throw hasImage
+                ? ServingException.Invalid("image", "give exactly one of image and image_id, not both")
+                : ServingException.Invalid("image", "is empty and no image_id was given: give exactly one of image and image_id");
         if (hasId && !ImageEmbedder.IsImageId(request.ImageId))
-            throw new RpcException(new Status(StatusCode.InvalidArgument, "image_id: must be the 64 hexadecimal characters PutImage returned"));
+            throw ServingException.Invalid("image_id", "must be the 64 hexadecimal characters PutImage returned");
         var options = request.Options ?? new Contracts.V1.GenerationOptions();
         GenerationRequests.ToOptions(options, limits);
-        var promptTokens = tokenizer.Encode(request.Prompt).Count;
-        if (promptTokens > limits.MaxPromptTokens)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"prompt: {promptTokens} tokens exceed the limit of {limits.MaxPromptTokens}"));
+        GenerationRequests.EncodePrompt(tokenizer, request.Prompt, limits);
 
         var embedding = hasImage
             ? await embedder.EmbedAsync(request.Image.Memory, context)
             : await embedder.FindAsync(request.ImageId) is { } cached
                 ? new ImageEmbedding(request.ImageId, cached, true, new Dictionary<string, double>())
-                : throw new RpcException(new Status(StatusCode.NotFound,
-                    $"image_id {request.ImageId} is not known (or was evicted); send the image bytes or call PutImage first"));
+                : throw ServingException.NotFound(
+                    $"image_id {request.ImageId} is not known (or was evicted); send the image bytes or call PutImage first");
 
         var decode = new DecodeRequest
         {
@@ -57,6 +56,8 @@ public sealed class GatewayService(
             ModelFingerprint = embedder.Fingerprint,
         };
         var client = new Contracts.Decoder.V1.Decoder.DecoderClient(stages.Decoder);
+        // A caller that sets no deadline still gets an answer or an error in bounded time.
+        var deadline = context.Deadline == DateTime.MaxValue ? DateTime.UtcNow + pipelines.DefaultDecodeTimeout : context.Deadline;
         var resilience = ResilienceContextPool.Shared.Get(context.CancellationToken);
         var forwarded = 0;
         double? firstTokenMs = null;
@@ -64,7 +65,7 @@ public sealed class GatewayService(
         {
             await pipelines.Decoder.ExecuteAsync(async rc =>
             {
-                using var call = client.Generate(decode, deadline: context.Deadline, cancellationToken: rc.CancellationToken);
+                using var call = client.Generate(decode, deadline: deadline, cancellationToken: rc.CancellationToken);
                 await foreach (var e in call.ResponseStream.ReadAllAsync(rc.CancellationToken))
                 {
                     var response = new GenerateResponse { Text = e.Text };
@@ -94,46 +95,57 @@ public sealed class GatewayService(
                 }
             }, resilience);
         }
-        catch (Exception e) when (forwarded > 0 && !context.CancellationToken.IsCancellationRequested && e is RpcException or IOException)
+        catch (Exception e) when (forwarded > 0 && !context.CancellationToken.IsCancellationRequested)
         {
-            throw new RpcException(new Status(StatusCode.Unavailable,
-                $"decoder stage: failed after part of the answer was streamed; the answer is incomplete ({(e as RpcException)?.Status.Detail ?? e.Message})"));
+            logger.LogWarning(e, "the decoder stream failed after {Messages} messages", forwarded);
+            throw ServingException.Unavailable("decoder stage failed after part of the answer was streamed; the answer is incomplete: ask again");
         }
-        catch (Exception e) when (ImageEmbedder.StageFailure("decoder", e, context.CancellationToken) is { } failure)
+        catch (Exception e)
         {
-            throw failure;
+            throw StageErrors.ForCaller("decoder", e, context.CancellationToken);
         }
         finally
         {
             ResilienceContextPool.Shared.Return(resilience);
         }
     }
+}
 
-    public static WebApplication Build(ServiceOptions service, GatewayOptions gateway)
+/// <summary>The gateway's composition: stage channels and pipelines, caches, limits, the public gRPC + JSON API and the playground.</summary>
+public static class GatewayStage
+{
+    public const string ServiceName = "blip2.v1.Blip2";
+
+    public static WebApplicationBuilder AddGatewayStage(this WebApplicationBuilder builder, GatewayOptions gateway, GenerationLimits limits)
     {
-        var builder = MeshHost.CreateBuilder("blip2.v1.Blip2", service);
-        builder.Services.AddGrpc(o => o.Interceptors.Add<ApiKeyInterceptor>()).AddJsonTranscoding(o => o.JsonSettings.IgnoreDefaultValues = true);
-        builder.Services.AddSingleton(ApiKeys.Load(gateway.ApiKeysFile));
-        builder.Services.AddSingleton(gateway);
-        builder.Services.AddSingleton(new GenerationLimits());
-        builder.Services.AddSingleton(new StagePipelines(gateway.Resilience));
-        builder.Services.AddSingleton(_ => new StageChannels(gateway, service.MaxMessageBytes));
-        builder.Services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
-        builder.Services.AddSingleton(_ => T5Tokenizer.Load(service.Model));
+        var services = builder.Services;
+        services.AddGrpc(o => o.Interceptors.Add<ApiKeyInterceptor>()).AddJsonTranscoding(o => o.JsonSettings.IgnoreDefaultValues = true);
+        services.AddSingleton(ApiKeys.Load(gateway.ApiKeysFile));
+        services.AddSingleton(gateway);
+        services.AddSingleton(limits.Validate());
+        services.AddSingleton(new StagePipelines(gateway.Resilience));
+        services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes));
+        services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
+        services.AddSingleton(sp => T5Tokenizer.Load(sp.GetRequiredService<ServiceOptions>().Model));
         if (gateway.Redis is { } redis)
-            builder.Services.AddSingleton(sp => new RedisEmbeddingStore(redis, gateway.RedisTtl, sp.GetRequiredService<ILoggerFactory>().CreateLogger<RedisEmbeddingStore>()));
-        builder.Services.AddSingleton(sp =>
+            services.AddSingleton(sp => new RedisEmbeddingStore(redis, gateway.RedisTtl, sp.GetRequiredService<ILoggerFactory>().CreateLogger<RedisEmbeddingStore>()));
+        services.AddSingleton(sp =>
         {
             // The gateway needs the model's shapes and fingerprint, never its weights in memory.
-            using var checkpoint = Blip2Checkpoint.Open(service.Model);
-            var images = new ImagePreprocessor(PreprocessorConfig.Load(Path.Combine(service.Model, "preprocessor_config.json")), gateway.MaxImagePixels);
+            var model = sp.GetRequiredService<ServiceOptions>().Model;
+            using var checkpoint = Blip2Checkpoint.Open(model);
+            var images = new ImagePreprocessor(PreprocessorConfig.Load(Path.Combine(model, "preprocessor_config.json")), gateway.MaxImagePixels);
             return new ImageEmbedder(checkpoint.Config, checkpoint.Fingerprint, images, sp.GetRequiredService<StageChannels>(),
                 sp.GetRequiredService<StagePipelines>(), sp.GetRequiredService<EmbeddingCache>(),
                 sp.GetService<RedisEmbeddingStore>(), gateway);
         });
-        var app = builder.Build();
+        return builder;
+    }
+
+    public static WebApplication MapGatewayStage(this WebApplication app)
+    {
+        app.UseStrictJsonRequests();
         app.MapGrpcService<GatewayService>();
-        app.MapMeshEndpoints();
         app.MapPlayground();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();

@@ -5,10 +5,10 @@ using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Imaging;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.ServiceDefaults;
+using System.Threading.RateLimiting;
+using Blip2Mesh.Model.Errors;
 using Grpc.Core;
 using Polly;
-using Polly.CircuitBreaker;
-using Polly.Timeout;
 using ProtoTensor = Blip2Mesh.Contracts.Tensor.V1.Tensor;
 
 namespace Blip2Mesh.Gateway;
@@ -28,6 +28,16 @@ public sealed class ImageEmbedder(
 {
     private sealed record Computed(FloatTensor Embeds, bool FromRedis, Dictionary<string, double> StageMs);
 
+    // Image work is bounded: in megabytes of pixels and buffers held at once, and in decodes running at once.
+    private readonly ConcurrencyLimiter _workMemory = new(new ConcurrencyLimiterOptions
+    {
+        PermitLimit = (int)(options.MaxImageWorkBytes >> 20), QueueLimit = int.MaxValue, QueueProcessingOrder = QueueProcessingOrder.OldestFirst,
+    });
+    private readonly ConcurrencyLimiter _decoders = new(new ConcurrencyLimiterOptions
+    {
+        PermitLimit = options.MaxConcurrentDecodes, QueueLimit = int.MaxValue, QueueProcessingOrder = QueueProcessingOrder.OldestFirst,
+    });
+
     public string Fingerprint => fingerprint;
 
     private long[] QueryShape => [1, config.NumQueryTokens, config.Text.DModel];
@@ -42,16 +52,16 @@ public sealed class ImageEmbedder(
 
     public async Task<ImageEmbedding> EmbedAsync(ReadOnlyMemory<byte> image, ServerCallContext context)
     {
-        if (image.Length == 0) throw new RpcException(new Status(StatusCode.InvalidArgument, "image: is empty"));
+        if (image.Length == 0) throw ServingException.Invalid("image", "is empty");
         if (image.Length > options.MaxImageBytes)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"image: {image.Length} bytes exceed the limit of {options.MaxImageBytes}"));
+            throw ServingException.Invalid("image", $"{image.Length} bytes exceed the limit of {options.MaxImageBytes}");
         var imageId = ImageId(image.Span);
         var key = CacheKey(imageId);
         Computed? computed = null;
-        // Computed for whoever asks for this image: bounded by the stage pipelines' timeouts, not by this caller.
-        var (embeds, shared) = await cache.GetOrComputeAsync(key, async () =>
+        // Computed for whoever asks for this image, and abandoned when nobody does any more.
+        var (embeds, shared) = await cache.GetOrComputeAsync(key, async abandoned =>
         {
-            computed = await FromRedisOrStagesAsync(key, image);
+            computed = await FromRedisOrStagesAsync(key, image, abandoned);
             return computed.Embeds;
         }, context.CancellationToken);
         // A hit: this process had it (L1), another request computed it meanwhile, or Redis had it (L2).
@@ -76,7 +86,7 @@ public sealed class ImageEmbedder(
         return tensor;
     }
 
-    private async Task<Computed> FromRedisOrStagesAsync(string key, ReadOnlyMemory<byte> image)
+    private async Task<Computed> FromRedisOrStagesAsync(string key, ReadOnlyMemory<byte> image, CancellationToken abandoned)
     {
         if (redis is not null && await redis.TryGetAsync(key) is { } stored && stored.Length == FloatTensor.ElementCount(QueryShape))
         {
@@ -85,24 +95,30 @@ public sealed class ImageEmbedder(
         }
         MeshTelemetry.CacheMisses.Add(1);
         var stageMs = new Dictionary<string, double>();
-        var embeds = await ComputeAsync(image, stageMs);
-        if (redis is not null) await redis.TrySetAsync(key, embeds.Data);
+        var embeds = await ComputeAsync(image, stageMs, abandoned);
+        redis?.Set(key, embeds.Data);
         return new Computed(embeds, false, stageMs);
     }
 
-    private async Task<FloatTensor> ComputeAsync(ReadOnlyMemory<byte> image, Dictionary<string, double> stageMs)
+    /// <summary>Decodes and resizes within the image-work budget: bytes of pixels and buffers in use, and decodes at once.</summary>
+    private async Task<RgbImage> ToModelSizeAsync(ReadOnlyMemory<byte> image, CancellationToken abandoned)
+    {
+        // The header says what the work will cost before any of it is done.
+        var megabytes = (int)Math.Min(int.MaxValue, (images.WorkBytes(image.Span) + (1 << 20) - 1) >> 20);
+        if (megabytes > options.MaxImageWorkBytes >> 20)
+            throw ServingException.Invalid("image", $"is too large to decode here: it needs {megabytes} MiB of working memory; the limit is {options.MaxImageWorkBytes >> 20} MiB");
+        using var memory = await _workMemory.AcquireAsync(megabytes, abandoned);
+        using var decoder = await _decoders.AcquireAsync(1, abandoned);
+        if (!memory.IsAcquired || !decoder.IsAcquired) throw ServingException.Unavailable("the gateway is busy decoding images: try again shortly");
+        return images.ToModelSize(image.Span, abandoned);
+    }
+
+    private async Task<FloatTensor> ComputeAsync(ReadOnlyMemory<byte> image, Dictionary<string, double> stageMs, CancellationToken abandoned)
     {
         RgbImage resized;
         using (var preprocess = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "preprocess"))
         {
-            try
-            {
-                resized = images.ToModelSize(image.Span);
-            }
-            catch (InvalidImageException e)
-            {
-                throw new RpcException(new Status(StatusCode.InvalidArgument, $"image: {e.Message}"));
-            }
+            resized = await ToModelSizeAsync(image, abandoned);
             stageMs["preprocess"] = preprocess.ElapsedMs;
         }
 
@@ -111,55 +127,48 @@ public sealed class ImageEmbedder(
         var clock = System.Diagnostics.Stopwatch.StartNew();
         var imageEmbeds = await CallEncoderStageAsync("vision", pipelines.Vision,
             ct => new Contracts.Vision.V1.Vision.VisionClient(stages.Vision).Embed(cancellationToken: ct),
-            new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, r => r.ImageEmbeds);
+            new EmbedRequest { Pixels = pixels, ModelFingerprint = fingerprint }, r => r.ImageEmbeds, abandoned);
         stageMs["vision"] = clock.Elapsed.TotalMilliseconds;
 
         clock.Restart();
         var queryEmbeds = await CallEncoderStageAsync("qformer", pipelines.QFormer,
             ct => new Contracts.QFormer.V1.QFormer.QFormerClient(stages.QFormer).Project(cancellationToken: ct),
-            new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, r => r.QueryEmbeds);
+            new ProjectRequest { ImageEmbeds = imageEmbeds, ModelFingerprint = fingerprint }, r => r.QueryEmbeds, abandoned);
         stageMs["qformer"] = clock.Elapsed.TotalMilliseconds;
         return TensorCodec.ToFloat(queryEmbeds, "query_embeds", QueryShape, "the Q-Former output");
     }
 
     /// <summary>One request on an encoder stage's stream, its one response's tensor back, through the stage's pipeline.</summary>
     private static Task<ProtoTensor> CallEncoderStageAsync<TRequest, TResponse>(string stage, ResiliencePipeline pipeline,
-        Func<CancellationToken, AsyncDuplexStreamingCall<TRequest, TResponse>> open, TRequest request, Func<TResponse, ProtoTensor> pick) =>
+        Func<CancellationToken, AsyncDuplexStreamingCall<TRequest, TResponse>> open, TRequest request, Func<TResponse, ProtoTensor> pick,
+        CancellationToken abandoned) =>
         CallAsync(stage, pipeline, async ct =>
         {
             using var call = open(ct);
             await call.RequestStream.WriteAsync(request, ct);
             await call.RequestStream.CompleteAsync();
-            if (!await call.ResponseStream.MoveNext(ct)) throw new RpcException(new Status(StatusCode.Internal, "the stage closed its stream without a response"));
-            return pick(call.ResponseStream.Current);
-        });
+            if (!await call.ResponseStream.MoveNext(ct)) throw ServingException.Unavailable($"{stage} stage closed its stream without an answer");
+            var tensor = pick(call.ResponseStream.Current);
+            // Read to the end, so the stage sees its call complete rather than reset.
+            while (await call.ResponseStream.MoveNext(ct)) { }
+            return tensor;
+        }, abandoned);
 
     /// <summary>Runs a stage call through its resilience pipeline; a failure reaches the caller with the stage named.</summary>
-    private static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, Func<CancellationToken, Task<T>> call)
+    private static async Task<T> CallAsync<T>(string stage, ResiliencePipeline pipeline, Func<CancellationToken, Task<T>> call, CancellationToken abandoned)
     {
-        var resilience = ResilienceContextPool.Shared.Get(CancellationToken.None);
+        var resilience = ResilienceContextPool.Shared.Get(abandoned);
         try
         {
             return await pipeline.ExecuteAsync(async rc => await call(rc.CancellationToken), resilience);
         }
-        catch (Exception e) when (StageFailure(stage, e, CancellationToken.None) is { } failure)
+        catch (Exception e)
         {
-            throw failure;
+            throw StageErrors.ForCaller(stage, e, abandoned);
         }
         finally
         {
             ResilienceContextPool.Shared.Return(resilience);
         }
     }
-
-    /// <summary>The status a failed stage call becomes for the caller, the stage named; null to let it pass as is.</summary>
-    public static RpcException? StageFailure(string stage, Exception e, CancellationToken cancellation) => e switch
-    {
-        _ when cancellation.IsCancellationRequested => new RpcException(new Status(StatusCode.Cancelled, "the request was cancelled")),
-        RpcException { StatusCode: StatusCode.Cancelled } => null,
-        RpcException r => new RpcException(new Status(r.StatusCode is StatusCode.Internal or StatusCode.Unknown ? StatusCode.Unavailable : r.StatusCode, $"{stage} stage: {r.Status.Detail}")),
-        BrokenCircuitException => new RpcException(new Status(StatusCode.Unavailable, $"{stage} stage: unavailable (circuit open after repeated failures)")),
-        TimeoutRejectedException => new RpcException(new Status(StatusCode.Unavailable, $"{stage} stage: no answer within the attempt timeout")),
-        _ => null,
-    };
 }

@@ -18,16 +18,16 @@ public sealed class StageChannels : IDisposable
     public StageChannels(GatewayOptions options, int maxMessageBytes)
     {
         var ca = options.StageTlsCa is null ? null : X509Certificate2.CreateFromPem(File.ReadAllText(options.StageTlsCa));
-        Vision = Create("vision", options.Vision, maxMessageBytes, ca);
-        QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca);
-        Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca);
+        Vision = Create("vision", options.Vision, maxMessageBytes, ca, options.Resilience);
+        QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca, options.Resilience);
+        Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca, options.Resilience);
     }
 
     public GrpcChannel Vision { get; }
     public GrpcChannel QFormer { get; }
     public GrpcChannel Decoder { get; }
 
-    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes, X509Certificate2? ca)
+    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes, X509Certificate2? ca, ResilienceOptions resilience)
     {
         if (replicas.Count == 0) throw new ArgumentException($"no {stage} address given");
         var endpoints = replicas.Select(r => Parse(stage, r)).ToList();
@@ -43,7 +43,15 @@ public sealed class StageChannels : IDisposable
             services.AddSingleton<ResolverFactory>(new StaticResolverFactory(_ => endpoints.Select(e => new BalancerAddress(e.Host, e.Port))));
             target = $"static:///{stage}";
         }
-        var handler = new SocketsHttpHandler { EnableMultipleHttp2Connections = true, PooledConnectionIdleTimeout = Timeout.InfiniteTimeSpan };
+        var handler = new SocketsHttpHandler
+        {
+            EnableMultipleHttp2Connections = true,
+            PooledConnectionIdleTimeout = Timeout.InfiniteTimeSpan,
+            // A stage that stops answering (hung, paused, its host gone without a reset) fails its calls in bounded time.
+            KeepAlivePingDelay = resilience.KeepAlivePingDelay,
+            KeepAlivePingTimeout = resilience.KeepAlivePingTimeout,
+            KeepAlivePingPolicy = HttpKeepAlivePingPolicy.WithActiveRequests,
+        };
         if (ca is not null) handler.SslOptions.RemoteCertificateValidationCallback = (_, certificate, _, errors) => TrustedBy(ca, certificate, errors);
         return GrpcChannel.ForAddress(target, new GrpcChannelOptions
         {

@@ -1,4 +1,3 @@
-using Grpc.Core;
 using Polly;
 using Polly.CircuitBreaker;
 using Polly.Retry;
@@ -11,6 +10,11 @@ public sealed record ResilienceOptions
 {
     /// <summary>Longest a vision or Q-Former call may take before it is retried elsewhere.</summary>
     public TimeSpan AttemptTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Deadline of a decoder stream whose caller set none.</summary>
+    public TimeSpan DefaultDecodeTimeout { get; init; } = TimeSpan.FromMinutes(5);
+    /// <summary>HTTP/2 pings on stage connections with calls in flight: a stage that stops answering them is given up on.</summary>
+    public TimeSpan KeepAlivePingDelay { get; init; } = TimeSpan.FromSeconds(10);
+    public TimeSpan KeepAlivePingTimeout { get; init; } = TimeSpan.FromSeconds(5);
     public int MaxRetries { get; init; } = 3;
     public TimeSpan RetryDelay { get; init; } = TimeSpan.FromMilliseconds(100);
     /// <summary>The circuit opens when this share of a stage's calls failed within the sampling window…</summary>
@@ -33,6 +37,7 @@ public sealed class StagePipelines
 
     public StagePipelines(ResilienceOptions options)
     {
+        DefaultDecodeTimeout = options.DefaultDecodeTimeout;
         Vision = Build(options, timeout: true);
         QFormer = Build(options, timeout: true);
         Decoder = Build(options, timeout: false);
@@ -41,18 +46,11 @@ public sealed class StagePipelines
     public ResiliencePipeline Vision { get; }
     public ResiliencePipeline QFormer { get; }
     public ResiliencePipeline Decoder { get; }
+    public TimeSpan DefaultDecodeTimeout { get; }
 
-    /// <summary>Status codes after which the same request may succeed on another attempt or replica.</summary>
-    public static bool IsTransient(StatusCode code) =>
-        code is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.Aborted or StatusCode.Internal or StatusCode.Unknown;
-
+    /// <summary>What the retry and breaker count: a transient failure of a call that has not yet streamed anything.</summary>
     private static ValueTask<bool> Handles(Outcome<object> outcome, ResilienceContext context) => ValueTask.FromResult(
-        !context.Properties.GetValue(StreamStarted, false) && outcome.Exception switch
-        {
-            TimeoutRejectedException => true,
-            RpcException e => IsTransient(e.StatusCode),
-            _ => false,
-        });
+        !context.Properties.GetValue(StreamStarted, false) && outcome.Exception is { } e && StageErrors.IsTransient(e));
 
     private static ResiliencePipeline Build(ResilienceOptions options, bool timeout)
     {

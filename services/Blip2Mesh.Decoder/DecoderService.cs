@@ -13,13 +13,13 @@ namespace Blip2Mesh.Decoder;
 /// <summary>What the decoder stage runs: Flan-T5 (encoder + KV-cached decoder), its tokenizer and the batcher.</summary>
 public sealed class DecoderRuntime : IDisposable
 {
-    public DecoderRuntime(string modelDir, ExecutionOptions execution, int maxRows, long kvBudgetBytes)
+    public DecoderRuntime(ServiceOptions service, ContinuousBatchingOptions batching)
     {
-        Tokenizer = T5Tokenizer.Load(modelDir);
-        Model = Blip2Model.Load(modelDir, new PixelInput.Rgb8(null, null, null), execution);
+        Tokenizer = T5Tokenizer.Load(service.Model);
+        Model = Blip2Model.Load(service.Model, new PixelInput.Rgb8(null, null, null), service.Execution);
         Model.Warm(decoder: true);
         Generator = new Generator(Model);
-        Batcher = new ContinuousBatcher(Generator, maxRows, kvBudgetBytes,
+        Batcher = new ContinuousBatcher(Generator, batching,
             onStep: rows => MeshTelemetry.BatchSize.Record(rows, new KeyValuePair<string, object?>("stage", "decoder")));
         MeshTelemetry.Meter.CreateObservableGauge("blip2mesh.decoder.active_sequences", () => Batcher.ActiveSequences,
             description: "Requests being decoded now (the autoscaling signal)");
@@ -39,6 +39,25 @@ public sealed class DecoderRuntime : IDisposable
     }
 }
 
+/// <summary>The decoder stage's composition: model, batcher and limits, and its gRPC service.</summary>
+public static class DecoderStage
+{
+    public const string ServiceName = "blip2mesh.decoder.v1.Decoder";
+
+    public static WebApplicationBuilder AddDecoderStage(this WebApplicationBuilder builder, ContinuousBatchingOptions batching, GenerationLimits limits)
+    {
+        builder.Services.AddSingleton(limits.Validate());
+        builder.Services.AddLoadedModel(service => new DecoderRuntime(service, batching.Validate()));
+        return builder;
+    }
+
+    public static WebApplication MapDecoderStage(this WebApplication app)
+    {
+        app.MapGrpcService<DecoderService>();
+        return app;
+    }
+}
+
 /// <summary>
 /// The decoder stage: query embeddings + prompt in, tokens and text deltas streamed out. Every active request
 /// shares the decoder steps of one continuous batch.
@@ -53,27 +72,15 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         var queries = TensorCodec.ToFloat(request.QueryEmbeds, "query_embeds", [1, config.NumQueryTokens, config.Text.DModel],
             $"the Q-Former output of model {r.Model.Checkpoint.Fingerprint}");
         var options = GenerationRequests.ToOptions(request.Options, limits);
-        var promptIds = r.Tokenizer.Encode(request.Prompt);
-        if (promptIds.Count > limits.MaxPromptTokens)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"prompt: {promptIds.Count} tokens exceed the limit of {limits.MaxPromptTokens}"));
+        var promptIds = GenerationRequests.EncodePrompt(r.Tokenizer, request.Prompt, limits);
+        // Decided before the encoder runs: a request that can never fit costs nothing but its refusal.
+        r.Batcher.CheckFits(config.Text, options, config.NumQueryTokens + promptIds.Count);
 
         MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "decoder"));
         using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
         var cancellation = context.CancellationToken;
         var state = r.Generator.Start(queries, promptIds, options);
-        IAsyncEnumerable<DecodedTokens> tokens;
-        try
-        {
-            tokens = r.Batcher.Submit(state, cancellation);
-        }
-        catch (QueueFullException e)
-        {
-            throw new RpcException(new Status(StatusCode.ResourceExhausted, e.Message));
-        }
-        catch (ArgumentException e)
-        {
-            throw new RpcException(new Status(StatusCode.ResourceExhausted, e.Message));
-        }
+        var tokens = r.Batcher.Submit(state, cancellation);
 
         var text = r.Tokenizer.CreateStreamingDecoder();
         var generated = 0;
@@ -97,16 +104,5 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
             if (decoded.IsLast) return;
         }
         await responses.WriteAsync(Finish(new DecodeEvent()), cancellation);
-    }
-
-    public static WebApplication Build(ServiceOptions options, int maxBatchRows = 64, long kvCacheBytes = 1L << 30)
-    {
-        var builder = MeshHost.CreateBuilder("blip2mesh.decoder.v1.Decoder", options);
-        builder.Services.AddSingleton(new GenerationLimits());
-        builder.Services.AddLoadedModel(() => new DecoderRuntime(options.Model, options.Execution, maxBatchRows, kvCacheBytes));
-        var app = builder.Build();
-        app.MapGrpcService<DecoderService>();
-        app.MapMeshEndpoints();
-        return app;
     }
 }

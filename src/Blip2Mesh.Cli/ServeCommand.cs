@@ -1,9 +1,7 @@
-using Blip2Mesh.Decoder;
 using Blip2Mesh.Gateway;
+using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Runtime;
-using Blip2Mesh.QFormer;
 using Blip2Mesh.ServiceDefaults;
-using Blip2Mesh.Vision;
 
 namespace Blip2Mesh.Cli;
 
@@ -30,8 +28,8 @@ internal static class ServeCommand
 
         var app = stage switch
         {
-            "vision" => VisionService.Build(options, Batching(args)),
-            "qformer" => QFormerService.Build(options, Batching(args)),
+            "vision" => StageHosts.Vision(options, Batching(args)),
+            "qformer" => StageHosts.QFormer(options, Batching(args)),
             "decoder" => DecoderApp(args, options),
             "gateway" => GatewayApp(args, options),
             _ => throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)"),
@@ -43,18 +41,51 @@ internal static class ServeCommand
     /// <summary>--max-batch N (8) and --max-batch-delay-ms M (0: batch only what arrives while the model is busy).</summary>
     private static BatchingOptions Batching(Args args)
     {
-        var batching = new BatchingOptions(args.Int("max-batch") ?? 8, TimeSpan.FromMilliseconds(args.Float("max-batch-delay-ms") ?? 0));
+        var defaults = new BatchingOptions();
+        var batching = new BatchingOptions(args.Int("max-batch") ?? defaults.MaxBatch,
+            TimeSpan.FromMilliseconds(args.Float("max-batch-delay-ms") ?? defaults.MaxDelay.TotalMilliseconds));
         args.EnsureAllUsed();
         if (batching.MaxBatch < 1) throw new UsageException("--max-batch must be at least 1");
         return batching;
     }
 
+    /// <summary>
+    /// --max-new-tokens-limit, --max-beams-limit, --max-prompt-tokens, --max-prompt-bytes: what one request may ask for
+    /// (give the gateway and the decoders the same values).
+    /// </summary>
+    private static GenerationLimits Limits(Args args)
+    {
+        var defaults = new GenerationLimits();
+        var limits = new GenerationLimits
+        {
+            MaxNewTokens = args.Int("max-new-tokens-limit") ?? defaults.MaxNewTokens,
+            MaxBeams = args.Int("max-beams-limit") ?? defaults.MaxBeams,
+            MaxPromptTokens = args.Int("max-prompt-tokens") ?? defaults.MaxPromptTokens,
+            MaxPromptBytes = args.Int("max-prompt-bytes") ?? defaults.MaxPromptBytes,
+        };
+        if (limits.MaxNewTokens < 1 || limits.MaxBeams < 1 || limits.MaxPromptTokens < 1 || limits.MaxPromptBytes < 1)
+            throw new UsageException("every request limit (--max-new-tokens-limit, --max-beams-limit, --max-prompt-tokens, --max-prompt-bytes) must be at least 1");
+        return limits;
+    }
+
     private static Microsoft.AspNetCore.Builder.WebApplication DecoderApp(Args args, ServiceOptions options)
     {
-        var rows = args.Int("max-batch-rows") ?? 64;
-        var kvCacheMb = args.Int("kv-cache-mb") ?? 1024;
+        var defaults = new ContinuousBatchingOptions();
+        var batching = new ContinuousBatchingOptions
+        {
+            MaxRows = args.Int("max-batch-rows") ?? defaults.MaxRows,
+            KvBudgetBytes = (long)((args.Float("kv-cache-mb") ?? defaults.KvBudgetBytes / 1048576f) * 1048576),
+            MaxQueued = args.Int("max-queued") ?? defaults.MaxQueued,
+            ShortAnswerTokens = args.Int("short-answer-tokens") ?? defaults.ShortAnswerTokens,
+            LongAnswerShare = args.Float("long-answer-share") ?? defaults.LongAnswerShare,
+        };
+        var limits = Limits(args);
         args.EnsureAllUsed();
-        return DecoderService.Build(options, rows, (long)kvCacheMb << 20);
+        if (batching.MaxRows < 1) throw new UsageException("--max-batch-rows must be at least 1");
+        if (batching.KvBudgetBytes < 1) throw new UsageException("--kv-cache-mb must be positive");
+        if (batching.MaxQueued < 0) throw new UsageException("--max-queued must not be negative");
+        if (batching.LongAnswerShare is <= 0 or > 1) throw new UsageException("--long-answer-share must be in (0, 1]");
+        return StageHosts.Decoder(options, batching, limits);
     }
 
     private static Microsoft.AspNetCore.Builder.WebApplication GatewayApp(Args args, ServiceOptions options)
@@ -68,11 +99,16 @@ internal static class ServeCommand
             Decoder = List(args.Required("decoder")),
             CacheBytes = (long)((args.Float("cache-mb") ?? defaults.CacheBytes / 1048576f) * 1048576),
             MaxImageBytes = (int)((args.Float("max-image-mb") ?? defaults.MaxImageBytes / 1048576f) * 1048576),
+            MaxImageWorkBytes = (long)((args.Float("max-image-work-mb") ?? defaults.MaxImageWorkBytes / 1048576f) * 1048576),
             Redis = args.Optional("redis"),
             ApiKeysFile = args.Optional("api-keys-file"),
             StageTlsCa = args.Optional("tls-ca"),
         };
+        var limits = Limits(args);
         args.EnsureAllUsed();
-        return GatewayService.Build(options, gateway);
+        if (gateway.CacheBytes <= 0) throw new UsageException("--cache-mb must be positive");
+        if (gateway.MaxImageBytes <= 0) throw new UsageException("--max-image-mb must be positive");
+        if (gateway.MaxImageWorkBytes < 1 << 20) throw new UsageException("--max-image-work-mb must be at least 1");
+        return StageHosts.Gateway(options, gateway, limits);
     }
 }

@@ -1,18 +1,28 @@
+using Blip2Mesh.Model.Errors;
 using Blip2Mesh.Model.Generation;
-using Grpc.Core;
+using Blip2Mesh.Model.Text;
 using ProtoOptions = Blip2Mesh.Contracts.V1.GenerationOptions;
 
 namespace Blip2Mesh.ServiceDefaults;
 
-/// <summary>Service-side limits on what one request may ask for.</summary>
+/// <summary>Service-side limits on what one request may ask for (the gateway and the decoder enforce the same ones).</summary>
 public sealed record GenerationLimits
 {
     public int MaxNewTokens { get; init; } = 512;
     public int MaxBeams { get; init; } = 8;
     public int MaxPromptTokens { get; init; } = 256;
+    /// <summary>UTF-8 bytes of prompt accepted, checked before tokenizing: a huge prompt costs nothing but its refusal.</summary>
+    public int MaxPromptBytes { get; init; } = 16 * 1024;
+
+    public GenerationLimits Validate()
+    {
+        if (MaxNewTokens < 1 || MaxBeams < 1 || MaxPromptTokens < 1 || MaxPromptBytes < 1)
+            throw new ArgumentOutOfRangeException(nameof(GenerationLimits), "every generation limit must be at least 1");
+        return this;
+    }
 }
 
-/// <summary>Public API options → generation options, with every bad value an INVALID_ARGUMENT naming the option.</summary>
+/// <summary>Public API options and prompts → what generation runs, with every bad value an invalid request naming its field.</summary>
 public static class GenerationRequests
 {
     public static GenerationOptions ToOptions(ProtoOptions? proto, GenerationLimits limits)
@@ -32,18 +42,23 @@ public static class GenerationRequests
             NoRepeatNgramSize = proto.HasNoRepeatNgramSize ? proto.NoRepeatNgramSize : defaults.NoRepeatNgramSize,
             Seed = proto.HasSeed ? proto.Seed : null,
         };
-        try
-        {
-            options.Validate();
-        }
-        catch (InvalidGenerationOptionException e)
-        {
-            throw new RpcException(new Status(StatusCode.InvalidArgument, e.Message));
-        }
+        options.Validate();
         if (options.MaxNewTokens > limits.MaxNewTokens)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"max_new_tokens: must be at most {limits.MaxNewTokens} (got {options.MaxNewTokens})"));
+            throw ServingException.Invalid("max_new_tokens", $"must be at most {limits.MaxNewTokens} (got {options.MaxNewTokens})");
         if (options.NumBeams > limits.MaxBeams)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"num_beams: must be at most {limits.MaxBeams} (got {options.NumBeams})"));
+            throw ServingException.Invalid("num_beams", $"must be at most {limits.MaxBeams} (got {options.NumBeams})");
         return options;
+    }
+
+    /// <summary>The prompt's token ids, refusing a prompt over the byte limit before tokenizing it and one over the token limit after.</summary>
+    public static IReadOnlyList<int> EncodePrompt(T5Tokenizer tokenizer, string prompt, GenerationLimits limits)
+    {
+        // UTF-8 is at most 3 bytes per UTF-16 unit: a short prompt is never counted.
+        if (prompt.Length * 3L > limits.MaxPromptBytes && System.Text.Encoding.UTF8.GetByteCount(prompt) is var bytes && bytes > limits.MaxPromptBytes)
+            throw ServingException.Invalid("prompt", $"{bytes} bytes exceed the limit of {limits.MaxPromptBytes} bytes");
+        var ids = tokenizer.Encode(prompt);
+        if (ids.Count > limits.MaxPromptTokens)
+            throw ServingException.Invalid("prompt", $"{ids.Count} tokens exceed the limit of {limits.MaxPromptTokens}");
+        return ids;
     }
 }

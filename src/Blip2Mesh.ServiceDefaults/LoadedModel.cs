@@ -1,4 +1,4 @@
-using Grpc.Core;
+using Blip2Mesh.Model.Errors;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -7,10 +7,13 @@ namespace Blip2Mesh.ServiceDefaults;
 
 public static class LoadedModelRegistration
 {
-    /// <summary>Registers <see cref="LoadedModel{T}"/>: <paramref name="load"/> runs in the background once the host has started.</summary>
-    public static IServiceCollection AddLoadedModel<T>(this IServiceCollection services, Func<T> load) where T : class
+    /// <summary>
+    /// Registers <see cref="LoadedModel{T}"/>: <paramref name="load"/> runs in the background once the host has started,
+    /// given the host's <see cref="ServiceOptions"/> (model folder, execution device).
+    /// </summary>
+    public static IServiceCollection AddLoadedModel<T>(this IServiceCollection services, Func<ServiceOptions, T> load) where T : class
     {
-        services.AddSingleton(load);
+        services.AddSingleton<Func<T>>(sp => () => load(sp.GetRequiredService<ServiceOptions>()));
         services.AddSingleton<LoadedModel<T>>();
         services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<T>>());
         return services;
@@ -26,10 +29,10 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
 {
     private readonly TaskCompletionSource<T> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    /// <summary>The model, or UNAVAILABLE while it is still loading (or failed to load).</summary>
+    /// <summary>The model, or unavailable while it is still loading (or failed to load).</summary>
     public T Value => _ready.Task.IsCompletedSuccessfully
         ? _ready.Task.Result
-        : throw new RpcException(new Status(StatusCode.Unavailable, "the model is still loading"));
+        : throw ServingException.Unavailable("the model is still loading");
 
     public Task<T> Ready => _ready.Task;
 

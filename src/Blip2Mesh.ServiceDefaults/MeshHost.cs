@@ -58,6 +58,7 @@ public static class MeshHost
 
         builder.Services.AddGrpc(grpc =>
         {
+            grpc.Interceptors.Add<ServingErrorInterceptor>();
             grpc.MaxReceiveMessageSize = options.MaxMessageBytes;
             grpc.MaxSendMessageSize = options.MaxMessageBytes;
         });
@@ -75,6 +76,20 @@ public static class MeshHost
         // Re-import so the private key is usable by SslStream on every platform.
         using var pem = X509Certificate2.CreateFromPemFile(certificate, key);
         return X509CertificateLoader.LoadPkcs12(pem.Export(X509ContentType.Pkcs12), null);
+    }
+
+    /// <summary>
+    /// A service host: <paramref name="add"/> registers its stage on the builder (e.g. <c>AddVisionStage</c>), <paramref name="map"/>
+    /// maps it on the built application (e.g. <c>MapVisionStage</c>); health, reflection and metrics are mapped for every host.
+    /// </summary>
+    public static WebApplication Build(string serviceName, ServiceOptions options, Action<WebApplicationBuilder> add, Action<WebApplication> map)
+    {
+        var builder = CreateBuilder(serviceName, options);
+        add(builder);
+        var app = builder.Build();
+        map(app);
+        app.MapMeshEndpoints();
+        return app;
     }
 
     /// <summary>Maps health, reflection and the metrics endpoint; call after building.</summary>

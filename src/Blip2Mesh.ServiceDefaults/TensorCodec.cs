@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 using Blip2Mesh.Contracts.Tensor.V1;
 using Blip2Mesh.Model.Runtime;
 using Google.Protobuf;
-using Grpc.Core;
+using Blip2Mesh.Model.Errors;
 using ProtoTensor = Blip2Mesh.Contracts.Tensor.V1.Tensor;
 
 namespace Blip2Mesh.ServiceDefaults;
@@ -44,36 +44,32 @@ public static class TensorCodec
 
     private static void Check(ProtoTensor? proto, string name, DType dtype, long[] expected, string expectation)
     {
-        if (proto is null) throw new RpcException(new Status(StatusCode.InvalidArgument, $"{name} is missing"));
+        if (proto is null) throw ServingException.Invalid(name, "is missing");
         var shape = proto.Shape;
         var shapeOk = shape.Count == expected.Length && shape.Zip(expected).All(p => p.Second < 0 ? p.First > 0 : p.First == p.Second);
         if (proto.Dtype != dtype || !shapeOk)
-            throw new RpcException(new Status(StatusCode.FailedPrecondition,
-                $"{name} is {proto.Dtype} [{string.Join(", ", shape)}] but this stage takes {dtype} [{string.Join(", ", expected.Select(d => d < 0 ? "N" : d.ToString()))}] ({expectation})"));
+            throw ServingException.Mismatch(
+                $"{name} is {proto.Dtype} [{string.Join(", ", shape)}] but this stage takes {dtype} [{string.Join(", ", expected.Select(d => d < 0 ? "N" : d.ToString()))}] ({expectation})");
         var bytes = shape.Aggregate(1L, (a, b) => a * b) * (dtype == DType.Uint8 ? 1 : 4);
         if (proto.Data.Length != bytes)
-            throw new RpcException(new Status(StatusCode.InvalidArgument, $"{name} holds {proto.Data.Length} bytes, its shape needs {bytes}"));
+            throw ServingException.Invalid(name, $"holds {proto.Data.Length} bytes, its shape needs {bytes}");
     }
 
     /// <summary>A float array seen as bytes, so protobuf can send it without a copy.</summary>
     private sealed class FloatBytes(float[] data) : MemoryManager<byte>
     {
-        private GCHandle _pin;
-
         public override Span<byte> GetSpan() => MemoryMarshal.AsBytes(data.AsSpan());
 
+        // Each pin is its own handle, freed when the caller disposes the MemoryHandle.
         public override unsafe MemoryHandle Pin(int elementIndex = 0)
         {
-            if (!_pin.IsAllocated) _pin = GCHandle.Alloc(data, GCHandleType.Pinned);
-            return new MemoryHandle((byte*)_pin.AddrOfPinnedObject() + elementIndex);
+            var pin = GCHandle.Alloc(data, GCHandleType.Pinned);
+            return new MemoryHandle((byte*)pin.AddrOfPinnedObject() + elementIndex, pin);
         }
 
         public override void Unpin() { }
 
-        protected override void Dispose(bool disposing)
-        {
-            if (_pin.IsAllocated) _pin.Free();
-        }
+        protected override void Dispose(bool disposing) { }
     }
 }
 
@@ -83,7 +79,6 @@ public static class ModelFingerprint
     public static void Check(string requested, string served, string stage)
     {
         if (!string.IsNullOrEmpty(requested) && requested != served)
-            throw new RpcException(new Status(StatusCode.FailedPrecondition,
-                $"model mismatch: the caller expects model {requested} but the {stage} stage serves model {served}"));
+            throw ServingException.Mismatch($"model mismatch: the caller expects model {requested} but the {stage} stage serves model {served}");
     }
 }

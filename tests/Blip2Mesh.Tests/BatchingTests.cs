@@ -1,3 +1,4 @@
+using Blip2Mesh.Model.Errors;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.ServiceDefaults;
@@ -152,7 +153,7 @@ public sealed class BatchingTests
         var options = new GenerationOptions { MaxNewTokens = 20, MinNewTokens = 20 };
         // A request that would decode for a long time and reserves the whole budget.
         var hog = Start(1, "a photo of", new GenerationOptions { MaxNewTokens = 5000, MinNewTokens = 5000 });
-        await using var batcher = new ContinuousBatcher(Pipeline.Generator, kvBudgetBytes: hog.KvCacheBytes, maxQueued: 2);
+        await using var batcher = new ContinuousBatcher(Pipeline.Generator, new ContinuousBatchingOptions { KvBudgetBytes = hog.KvCacheBytes, MaxQueued = 2 });
         var second = Start(2, "a photo of", options);
         var third = Start(4, "a photo of", options);
         var fourth = Start(5, "", options);
@@ -171,7 +172,8 @@ public sealed class BatchingTests
         Assert.Equal(Alone(2, "a photo of", options).Skip(1), await b);
         Assert.Equal(Alone(4, "a photo of", options).Skip(1), await c);
         var huge = Start(1, "", new GenerationOptions { NumBeams = 8, MaxNewTokens = 6000 });
-        var error = Assert.Throws<ArgumentException>(() => batcher.Submit(huge, CancellationToken.None));
+        var error = Assert.Throws<ServingException>(() => batcher.Submit(huge, CancellationToken.None));
+        Assert.Equal(ErrorKind.NeverFits, error.Kind);
         Assert.Contains("KV cache", error.Message);
     }
 

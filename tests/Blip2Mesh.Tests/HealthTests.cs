@@ -22,8 +22,8 @@ public sealed class HealthTests
 
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health));
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health, "blip2mesh.test.v1.Stage"));
-        var early = Assert.Throws<Grpc.Core.RpcException>(() => model.Value);
-        Assert.Equal(Grpc.Core.StatusCode.Unavailable, early.StatusCode);
+        var early = Assert.Throws<Blip2Mesh.Model.Errors.ServingException>(() => model.Value);
+        Assert.Equal(Grpc.Core.StatusCode.Unavailable, ServingErrors.Code(early.Kind));
 
         loading.Release();
         // The model is usable first, then advertised: the loading task ends once it is advertised.

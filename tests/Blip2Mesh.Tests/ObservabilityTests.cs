@@ -1,10 +1,8 @@
 using System.Diagnostics;
 using System.Globalization;
-using Blip2Mesh.Decoder;
+using Blip2Mesh.Cli;
 using Blip2Mesh.Gateway;
-using Blip2Mesh.QFormer;
 using Blip2Mesh.ServiceDefaults;
-using Blip2Mesh.Vision;
 using Grpc.Health.V1;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
@@ -87,8 +85,8 @@ public sealed class ObservabilityTests
         var gatewayOptions = Options();
         WebApplication[] apps =
         [
-            VisionService.Build(visionOptions), QFormerService.Build(qformerOptions), DecoderService.Build(decoderOptions),
-            GatewayService.Build(gatewayOptions, new GatewayOptions
+            StageHosts.Vision(visionOptions), StageHosts.QFormer(qformerOptions), StageHosts.Decoder(decoderOptions),
+            StageHosts.Gateway(gatewayOptions, new GatewayOptions
             {
                 Vision = [$"127.0.0.1:{visionOptions.Port}"], QFormer = [$"127.0.0.1:{qformerOptions.Port}"], Decoder = [$"127.0.0.1:{decoderOptions.Port}"],
             }),

@@ -1,67 +1,158 @@
 using System.Threading.Channels;
+using Blip2Mesh.Model.Checkpoint;
+using Blip2Mesh.Model.Errors;
 
 namespace Blip2Mesh.Model.Generation;
+
+/// <summary>How the decoder batches and admits requests; every default in one place.</summary>
+public sealed record ContinuousBatchingOptions
+{
+    /// <summary>Most decoder rows (a beam is a row) stepped together.</summary>
+    public int MaxRows { get; init; } = 64;
+    /// <summary>KV cache the admitted requests may reserve together (each reserves what its cache can grow to).</summary>
+    public long KvBudgetBytes { get; init; } = 1L << 30;
+    /// <summary>Most requests waiting; beyond it a request is refused as overloaded (another replica may take it).</summary>
+    public int MaxQueued { get; init; } = 1024;
+    /// <summary>A request asking for at most this many new tokens is a short answer (a caption, a VQA answer).</summary>
+    public int ShortAnswerTokens { get; init; } = 32;
+    /// <summary>
+    /// Share of the rows and of the KV budget that long answers may hold together while another long answer is
+    /// active: the rest stays free for short answers, so a burst of long requests cannot hold a one-token answer
+    /// back for as long as theirs take.
+    /// </summary>
+    public double LongAnswerShare { get; init; } = 0.75;
+
+    public ContinuousBatchingOptions Validate()
+    {
+        if (MaxRows < 1) throw new ArgumentOutOfRangeException(nameof(MaxRows), "a batch holds at least one row");
+        if (KvBudgetBytes < 1) throw new ArgumentOutOfRangeException(nameof(KvBudgetBytes), "the KV budget must be positive");
+        if (MaxQueued < 0) throw new ArgumentOutOfRangeException(nameof(MaxQueued), "the queue bound must not be negative");
+        if (LongAnswerShare is <= 0 or > 1) throw new ArgumentOutOfRangeException(nameof(LongAnswerShare), "the long-answer share must be in (0, 1]");
+        return this;
+    }
+}
 
 /// <summary>
 /// Continuous batching: every active request advances together, one batched decoder step at a time; requests
 /// join and leave at step boundaries. Admission is decided by a KV-cache memory budget (each request reserves what
-/// its cache can grow to) and a cap on rows per step; the rest wait in a bounded queue. A request whose caller
-/// cancels leaves at the next boundary and frees its reservation.
+/// its cache can grow to) and a cap on rows per step; the rest wait in a bounded queue, in two lanes served in
+/// arrival order each: short answers first, then long ones (which together hold at most
+/// <see cref="ContinuousBatchingOptions.LongAnswerShare"/> of the capacity while another long one runs). A request
+/// whose caller cancels leaves the queue at once, or the batch at the next boundary, and frees its reservation.
 /// </summary>
 public sealed class ContinuousBatcher : IAsyncDisposable
 {
     private readonly Generator _generator;
-    private readonly int _maxRows;
-    private readonly long _kvBudgetBytes;
-    private readonly int _maxQueued;
+    private readonly ContinuousBatchingOptions _options;
     private readonly Action<int>? _onStep;
-    private readonly Channel<Sequence> _incoming = Channel.CreateUnbounded<Sequence>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly Lock _gate = new();
+    private readonly LinkedList<Sequence> _short = new();
+    private readonly LinkedList<Sequence> _long = new();
+    private readonly SemaphoreSlim _arrived = new(0);
     private readonly CancellationTokenSource _stop = new();
     private readonly Thread _loop;
+    private bool _disposed;
     private int _queued;
     private int _activeSequences;
 
-    private sealed record Sequence(DecodingState State, ChannelWriter<IReadOnlyList<int>> Tokens, CancellationToken Cancellation);
+    private sealed class Sequence(DecodingState state, ChannelWriter<IReadOnlyList<int>> tokens, CancellationToken cancellation, bool isLong)
+    {
+        public DecodingState State { get; } = state;
+        public ChannelWriter<IReadOnlyList<int>> Tokens { get; } = tokens;
+        public CancellationToken Cancellation { get; } = cancellation;
+        public bool IsLong { get; } = isLong;
+        public LinkedListNode<Sequence>? Queued { get; set; }
+        public CancellationTokenRegistration WhileQueued { get; set; }
+    }
 
-    /// <param name="maxRows">Most decoder rows (a beam is a row) stepped together.</param>
-    /// <param name="kvBudgetBytes">KV cache the admitted requests may reserve together.</param>
-    /// <param name="maxQueued">Most requests waiting; beyond it <see cref="Submit"/> refuses with <see cref="QueueFullException"/>.</param>
     /// <param name="onStep">Told the number of rows of every step (for the batch-size metric).</param>
-    public ContinuousBatcher(Generator generator, int maxRows = 64, long kvBudgetBytes = 1L << 30, int maxQueued = 1024, Action<int>? onStep = null)
+    public ContinuousBatcher(Generator generator, ContinuousBatchingOptions? options = null, Action<int>? onStep = null)
     {
         _generator = generator;
-        _kvBudgetBytes = kvBudgetBytes;
+        _options = (options ?? new ContinuousBatchingOptions()).Validate();
         _onStep = onStep;
-        _maxRows = maxRows;
-        _maxQueued = maxQueued;
         // The loop steps back to back while requests are active: it gets a thread of its own rather than holding a
         // thread-pool thread that the gRPC handlers streaming its tokens need.
         _loop = new Thread(Loop) { IsBackground = true, Name = "decoder batch loop" };
         _loop.Start();
     }
 
+    public ContinuousBatchingOptions Options => _options;
     /// <summary>Requests being decoded now.</summary>
     public int ActiveSequences => Volatile.Read(ref _activeSequences);
     /// <summary>Requests waiting for rows.</summary>
     public int QueueDepth => Volatile.Read(ref _queued);
 
     /// <summary>
+    /// Refuses, before any model runs, a request that could never be admitted however long it waited (more rows than
+    /// a batch holds, or a KV reservation over the whole budget), saying what would fit.
+    /// </summary>
+    /// <param name="encoderLength">Query tokens + prompt tokens.</param>
+    public void CheckFits(T5Config text, GenerationOptions options, int encoderLength)
+    {
+        if (options.NumBeams > _options.MaxRows)
+            throw ServingException.NeverFits(
+                $"num_beams {options.NumBeams} needs {options.NumBeams} decoder rows, but a decoder batch holds at most {_options.MaxRows}: ask for at most {_options.MaxRows} beams");
+        var needed = DecodingState.KvCacheBytesFor(text, options, encoderLength);
+        if (needed <= _options.KvBudgetBytes) return;
+        var perToken = DecodingState.KvCacheBytesFor(text, options with { MaxNewTokens = 1 }, encoderLength)
+                       - DecodingState.KvCacheBytesFor(text, options with { MaxNewTokens = 0 }, encoderLength);
+        var fitting = (_options.KvBudgetBytes - DecodingState.KvCacheBytesFor(text, options with { MaxNewTokens = 0 }, encoderLength)) / perToken;
+        var advice = fitting >= 1
+            ? $"with {options.NumBeams} beam{(options.NumBeams == 1 ? "" : "s")} at most {fitting} new tokens fit; ask for fewer beams or tokens"
+            : "ask for fewer beams or a shorter prompt";
+        throw ServingException.NeverFits(
+            $"the request needs {Bytes.Format(needed)} of KV cache for {options.NumBeams} beam{(options.NumBeams == 1 ? "" : "s")} × {options.MaxNewTokens} new tokens, " +
+            $"but the decoder's whole budget is {Bytes.Format(_options.KvBudgetBytes)}: {advice}");
+    }
+
+    /// <summary>
     /// Queues an encoded request; its final tokens stream out as the batch advances, each read carrying every token
     /// decoded since the last one, so a consumer slower than the steps (a gRPC stream) sends fewer, fuller messages.
+    /// Takes ownership of <paramref name="state"/> (disposed if it is refused, cancelled or fails).
     /// </summary>
     public IAsyncEnumerable<DecodedTokens> Submit(DecodingState state, CancellationToken cancellation)
     {
-        if (state.Rows > _maxRows) throw new ArgumentException($"the request needs {state.Rows} rows but a batch holds at most {_maxRows}");
-        if (state.KvCacheBytes > _kvBudgetBytes)
-            throw new ArgumentException($"the request needs {state.KvCacheBytes >> 20} MB of KV cache, more than the decoder's whole budget of {_kvBudgetBytes >> 20} MB");
-        if (Interlocked.Increment(ref _queued) > _maxQueued)
-        {
-            Interlocked.Decrement(ref _queued);
-            throw new QueueFullException($"the decoder queue is full ({_maxQueued} requests waiting)");
-        }
         var tokens = Channel.CreateUnbounded<IReadOnlyList<int>>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
-        _incoming.Writer.TryWrite(new Sequence(state, tokens.Writer, cancellation));
+        var sequence = new Sequence(state, tokens.Writer, cancellation, state.MaxNewTokens > _options.ShortAnswerTokens);
+        try
+        {
+            if (state.Rows > _options.MaxRows || state.KvCacheBytes > _options.KvBudgetBytes)
+                throw ServingException.NeverFits(
+                    $"the request needs {state.Rows} rows and {Bytes.Format(state.KvCacheBytes)} of KV cache, more than the decoder can ever hold " +
+                    $"({_options.MaxRows} rows, {Bytes.Format(_options.KvBudgetBytes)})");
+            lock (_gate)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                if (_queued >= _options.MaxQueued)
+                    throw new QueueFullException($"the decoder is busy ({_options.MaxQueued} requests waiting): try again shortly");
+                sequence.Queued = (sequence.IsLong ? _long : _short).AddLast(sequence);
+                _queued++;
+            }
+        }
+        catch
+        {
+            state.Dispose();
+            throw;
+        }
+        // Registered outside the lock: a token already cancelled runs the callback at once, which takes the lock.
+        sequence.WhileQueued = cancellation.Register(() => LeaveQueue(sequence));
+        _arrived.Release();
         return ReadDecoded(tokens.Reader, cancellation);
+    }
+
+    /// <summary>A caller gave up while its request was still waiting: it leaves the queue now, not when admitted.</summary>
+    private void LeaveQueue(Sequence sequence)
+    {
+        lock (_gate)
+        {
+            if (sequence.Queued is not { } node) return;
+            node.List!.Remove(node);
+            sequence.Queued = null;
+            _queued--;
+        }
+        sequence.Tokens.TryComplete(new OperationCanceledException(sequence.Cancellation));
+        sequence.State.Dispose();
     }
 
     private static async IAsyncEnumerable<DecodedTokens> ReadDecoded(ChannelReader<IReadOnlyList<int>> steps,
@@ -77,6 +168,41 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         }
     }
 
+    /// <summary>Moves queued requests into the batch while they fit: the short lane first, then the long one.</summary>
+    private void Admit(List<Sequence> active)
+    {
+        var admitted = new List<Sequence>();
+        lock (_gate)
+        {
+            var rows = active.Sum(s => s.State.Rows);
+            var reserved = active.Sum(s => s.State.KvCacheBytes);
+            var longRows = active.Where(s => s.IsLong).Sum(s => s.State.Rows);
+            var longReserved = active.Where(s => s.IsLong).Sum(s => s.State.KvCacheBytes);
+            var longActive = active.Any(s => s.IsLong);
+            foreach (var lane in new[] { _short, _long })
+            {
+                while (lane.First?.Value is { } next && rows + next.State.Rows <= _options.MaxRows
+                       && reserved + next.State.KvCacheBytes <= _options.KvBudgetBytes
+                       && (!next.IsLong || !longActive || (longRows + next.State.Rows <= _options.LongAnswerShare * _options.MaxRows
+                           && longReserved + next.State.KvCacheBytes <= _options.LongAnswerShare * _options.KvBudgetBytes)))
+                {
+                    lane.RemoveFirst();
+                    next.Queued = null;
+                    _queued--;
+                    admitted.Add(next);
+                    rows += next.State.Rows;
+                    reserved += next.State.KvCacheBytes;
+                    if (!next.IsLong) continue;
+                    longActive = true;
+                    longRows += next.State.Rows;
+                    longReserved += next.State.KvCacheBytes;
+                }
+            }
+        }
+        foreach (var sequence in admitted) sequence.WhileQueued.Dispose();
+        active.AddRange(admitted);
+    }
+
     private void Loop()
     {
         var active = new List<Sequence>();
@@ -87,20 +213,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             {
                 try
                 {
-                    if (!_incoming.Reader.WaitToReadAsync(stop).AsTask().GetAwaiter().GetResult()) break;
+                    _arrived.Wait(stop);
                 }
                 catch (OperationCanceledException) { break; }
             }
-            var rows = active.Sum(s => s.State.Rows);
-            var reserved = active.Sum(s => s.State.KvCacheBytes);
-            while (_incoming.Reader.TryPeek(out var next) && rows + next.State.Rows <= _maxRows
-                   && reserved + next.State.KvCacheBytes <= _kvBudgetBytes && _incoming.Reader.TryRead(out next))
-            {
-                Interlocked.Decrement(ref _queued);
-                active.Add(next);
-                rows += next.State.Rows;
-                reserved += next.State.KvCacheBytes;
-            }
+            Admit(active);
             foreach (var cancelled in active.Where(s => s.Cancellation.IsCancellationRequested).ToList())
             {
                 cancelled.Tokens.TryComplete(new OperationCanceledException(cancelled.Cancellation));
@@ -140,17 +257,32 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         }
         foreach (var sequence in active)
         {
-            sequence.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+            sequence.Tokens.TryComplete(ServingException.Unavailable("the decoder is shutting down"));
             sequence.State.Dispose();
         }
     }
 
     public async ValueTask DisposeAsync()
     {
-        _incoming.Writer.TryComplete();
+        List<Sequence> waiting;
+        lock (_gate)
+        {
+            if (_disposed) return;
+            _disposed = true;
+            waiting = [.. _short, .. _long];
+            _short.Clear();
+            _long.Clear();
+            _queued = 0;
+        }
         await _stop.CancelAsync();
         await Task.Run(_loop.Join);
-        while (_incoming.Reader.TryRead(out var waiting)) waiting.Tokens.TryComplete(new OperationCanceledException("the decoder is shutting down"));
+        foreach (var sequence in waiting)
+        {
+            sequence.WhileQueued.Dispose();
+            sequence.Queued = null;
+            sequence.Tokens.TryComplete(ServingException.Unavailable("the decoder is shutting down"));
+            sequence.State.Dispose();
+        }
         _stop.Dispose();
     }
 }
@@ -159,4 +291,4 @@ public sealed class ContinuousBatcher : IAsyncDisposable
 public sealed record DecodedTokens(IReadOnlyList<int> Ids, bool IsLast);
 
 /// <summary>The decoder's queue is full; the caller should retry later or elsewhere.</summary>
-public sealed class QueueFullException(string message) : Exception(message);
+public sealed class QueueFullException(string message) : ServingException(ErrorKind.Overloaded, message);

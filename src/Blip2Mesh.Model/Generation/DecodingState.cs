@@ -45,13 +45,22 @@ public sealed class DecodingState : IDisposable
     }
 
     public int Rows => _rows.Length;
+    public int MaxNewTokens => _options.MaxNewTokens;
 
     /// <summary>
     /// Bytes of KV cache this request can grow to (self-attention to its full length, plus cross-attention),
     /// reserved when it is admitted to a batch.
     /// </summary>
-    public long KvCacheBytes => (long)_options.NumBeams * _text.NumDecoderLayers * 2 * _text.NumHeads * _text.DKv * sizeof(float)
-        * (_maxLength + EncoderMask.Length / _options.NumBeams);
+    public long KvCacheBytes => KvCacheBytesFor(_text, _options, EncoderMask.Length / _options.NumBeams);
+
+    /// <summary>
+    /// What <see cref="KvCacheBytes"/> will be for a request with these options over an encoder sequence of
+    /// <paramref name="encoderLength"/> (query tokens + prompt tokens): known before the encoder runs, so admission
+    /// can refuse a request that never fits without spending any compute on it.
+    /// </summary>
+    public static long KvCacheBytesFor(T5Config text, GenerationOptions options, int encoderLength) =>
+        (long)options.NumBeams * text.NumDecoderLayers * 2 * text.NumHeads * text.DKv * sizeof(float)
+        * (1 + options.MaxNewTokens + encoderLength);
     public int Length => _rows[0].Count;
     public bool IsFinished { get; private set; }
     /// <summary>This request's rows of a shared self-attention cache, one per row in row order; none before its first step.</summary>

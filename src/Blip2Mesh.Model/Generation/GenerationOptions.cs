@@ -1,7 +1,10 @@
+using Blip2Mesh.Model.Errors;
+
 namespace Blip2Mesh.Model.Generation;
 
 /// <summary>An option value that generation cannot honour; the message names the option.</summary>
-public sealed class InvalidGenerationOptionException(string option, string message) : ArgumentException($"{option}: {message}", option)
+public sealed class InvalidGenerationOptionException(string option, string message)
+    : ServingException(ErrorKind.InvalidRequest, $"{option}: {message}", option)
 {
     public string Option { get; } = option;
 }

@@ -13,25 +13,24 @@ public static class ImageDecoder
     private static readonly SKEncodedImageFormat[] Supported =
         [SKEncodedImageFormat.Png, SKEncodedImageFormat.Jpeg, SKEncodedImageFormat.Webp, SKEncodedImageFormat.Gif, SKEncodedImageFormat.Bmp];
 
+    /// <summary>Width and height from the header alone, with every check <see cref="Decode"/> makes before decoding.</summary>
+    /// <exception cref="InvalidImageException">empty, unsupported or truncated input, or more than <paramref name="maxPixels"/> pixels.</exception>
+    public static (int Width, int Height) ReadSize(ReadOnlySpan<byte> encoded, long maxPixels = DefaultMaxPixels)
+    {
+        var bytes = encoded.ToArray();
+        using var stream = new SKMemoryStream(bytes);
+        using var codec = Open(bytes, stream, maxPixels);
+        return (codec.Info.Width, codec.Info.Height);
+    }
+
     /// <exception cref="InvalidImageException">empty, unsupported, corrupt or truncated input, or more than <paramref name="maxPixels"/> pixels.</exception>
     public static RgbImage Decode(ReadOnlySpan<byte> encoded, long maxPixels = DefaultMaxPixels)
     {
-        if (encoded.IsEmpty) throw new InvalidImageException("image is empty");
         var bytes = encoded.ToArray();
         ClearGifTransparency(bytes);
         using var stream = new SKMemoryStream(bytes);
-        using var codec = SKCodec.Create(stream, out var opened);
-        // Skia also answers IncompleteInput for any input too short to sniff, so only a known signature means "truncated".
-        if (codec is null && opened == SKCodecResult.IncompleteInput && HasSupportedSignature(encoded))
-            throw new InvalidImageException("image is truncated");
-        // Skia also sniffs formats (WBMP, ICO, ...) that are too loosely identified to accept from untrusted bytes.
-        if (codec is null || Array.IndexOf(Supported, codec.EncodedFormat) < 0)
-            throw new InvalidImageException("bytes are not a supported image (PNG, JPEG, WebP, GIF, BMP)");
-
-        // The codec has only parsed the header here, so the bomb check costs no decoding.
+        using var codec = Open(bytes, stream, maxPixels);
         var (width, height) = (codec.Info.Width, codec.Info.Height);
-        if ((long)width * height > maxPixels)
-            throw new InvalidImageException($"image of {width}x{height} pixels exceeds the limit of {maxPixels} pixels");
 
         // Unpremul keeps colour values of transparent pixels (Pillow drops alpha without compositing), and a null
         // colour space disables Skia's ICC/gAMA conversion, which Pillow does not do either.
@@ -57,6 +56,29 @@ public static class ImageDecoder
             rgb[q + 2] = rgba[p + 2];
         }
         return new RgbImage(width, height, rgb);
+    }
+
+    /// <summary>A codec over the image's header; it has parsed nothing else yet, so the checks here cost no decoding.</summary>
+    private static SKCodec Open(byte[] bytes, SKMemoryStream stream, long maxPixels)
+    {
+        if (bytes.Length == 0) throw new InvalidImageException("image is empty");
+        var codec = SKCodec.Create(stream, out var opened);
+        // Skia also answers IncompleteInput for any input too short to sniff, so only a known signature means "truncated".
+        if (codec is null && opened == SKCodecResult.IncompleteInput && HasSupportedSignature(bytes))
+            throw new InvalidImageException("image is truncated");
+        // Skia also sniffs formats (WBMP, ICO, ...) that are too loosely identified to accept from untrusted bytes.
+        if (codec is null || Array.IndexOf(Supported, codec.EncodedFormat) < 0)
+        {
+            codec?.Dispose();
+            throw new InvalidImageException("bytes are not a supported image (PNG, JPEG, WebP, GIF, BMP)");
+        }
+        var (width, height) = (codec.Info.Width, codec.Info.Height);
+        if ((long)width * height > maxPixels)
+        {
+            codec.Dispose();
+            throw new InvalidImageException($"image of {width}x{height} pixels exceeds the limit of {maxPixels} pixels");
+        }
+        return codec;
     }
 
     /// <summary>

@@ -33,12 +33,33 @@ public sealed class ImagePreprocessor
         Std = config.ImageStd.Select(s => (float)s).ToArray();
     }
 
-    /// <summary>Decodes an encoded image and resizes it to the model's input size.</summary>
+    /// <summary>Largest buffer the resampler's first (horizontal) pass may need: output width × source rows × 3 bytes.</summary>
+    public long MaxResampleBufferBytes { get; init; } = 64L << 20;
+
+    /// <summary>
+    /// Checks an encoded image from its header alone and says how many bytes of memory turning it into the model's
+    /// input takes at most (the decoded RGBA and RGB pixels, and the resampler's buffer), so a caller can budget the
+    /// work before doing any of it.
+    /// </summary>
+    /// <exception cref="InvalidImageException">the bytes are not a usable image, or it is too large or too thin to resize.</exception>
+    public long WorkBytes(ReadOnlySpan<byte> encoded)
+    {
+        var (width, height) = ImageDecoder.ReadSize(encoded, _maxPixels);
+        var resample = _config.DoResize && width != _config.Width ? 3L * _config.Width * height : 0;
+        if (resample > MaxResampleBufferBytes)
+            throw new InvalidImageException(
+                $"image of {width}x{height} pixels is too tall for its width to resize: it would need a {Bytes.Format(resample)} buffer " +
+                $"(the limit is {Bytes.Format(MaxResampleBufferBytes)}); crop or pad it closer to square");
+        return 7L * width * height + resample;
+    }
+
+    /// <summary>Decodes an encoded image and resizes it to the model's input size; stops early when <paramref name="cancellation"/> fires.</summary>
     /// <exception cref="InvalidImageException">the bytes are not a usable image.</exception>
-    public RgbImage ToModelSize(ReadOnlySpan<byte> encoded)
+    public RgbImage ToModelSize(ReadOnlySpan<byte> encoded, CancellationToken cancellation = default)
     {
         var image = ImageDecoder.Decode(encoded, _maxPixels);
-        return _config.DoResize ? PillowResize.Resize(image, _config.Width, _config.Height, _filter) : image;
+        cancellation.ThrowIfCancellationRequested();
+        return _config.DoResize ? PillowResize.Resize(image, _config.Width, _config.Height, _filter, cancellation) : image;
     }
 
     /// <summary>CHW float32 pixel values [3, height, width], as HF computes them.</summary>

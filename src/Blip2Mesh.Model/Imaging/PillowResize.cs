@@ -27,7 +27,7 @@ public static class PillowResize
             $"resample {resample} is not supported; use 1 (LANCZOS), 2 (BILINEAR) or 3 (BICUBIC)"),
     };
 
-    public static RgbImage Resize(RgbImage image, int width, int height, PillowFilter filter)
+    public static RgbImage Resize(RgbImage image, int width, int height, PillowFilter filter, CancellationToken cancellation = default)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(width);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(height);
@@ -44,8 +44,9 @@ public static class PillowResize
             var firstRow = verticalBounds[0];
             var lastRow = verticalBounds[2 * height - 2] + verticalBounds[2 * height - 1];
             for (var y = 0; y < height; y++) verticalBounds[2 * y] -= firstRow;
-            current = Horizontal(image, firstRow, lastRow - firstRow, width, horizontalBounds, horizontalWeights, horizontalKSize);
+            current = Horizontal(image, firstRow, lastRow - firstRow, width, horizontalBounds, horizontalWeights, horizontalKSize, cancellation);
         }
+        cancellation.ThrowIfCancellationRequested();
         if (height != image.Height)
             current = Vertical(current, height, verticalBounds, verticalWeights, verticalKSize);
         return current;
@@ -138,12 +139,14 @@ public static class PillowResize
 
     private static byte Clip8(int accumulator) => (byte)Math.Clamp(accumulator >> PrecisionBits, 0, 255);
 
-    private static RgbImage Horizontal(RgbImage src, int firstRow, int rows, int width, int[] bounds, int[] weights, int ksize)
+    private static RgbImage Horizontal(RgbImage src, int firstRow, int rows, int width, int[] bounds, int[] weights, int ksize, CancellationToken cancellation)
     {
         var input = src.Pixels;
-        var output = new byte[3 * width * rows];
+        var output = new byte[3L * width * rows];
         for (var yy = 0; yy < rows; yy++)
         {
+            // A tall image takes seconds here; nobody waiting for it any more stops it.
+            if ((yy & 1023) == 0) cancellation.ThrowIfCancellationRequested();
             var inRow = (yy + firstRow) * src.Width * 3;
             for (var xx = 0; xx < width; xx++)
             {
@@ -160,7 +163,7 @@ public static class PillowResize
                     s1 += input[p + 1] * w;
                     s2 += input[p + 2] * w;
                 }
-                var o = (yy * width + xx) * 3;
+                var o = ((long)yy * width + xx) * 3;
                 output[o] = Clip8(s0);
                 output[o + 1] = Clip8(s1);
                 output[o + 2] = Clip8(s2);
