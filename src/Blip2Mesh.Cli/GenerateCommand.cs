@@ -55,8 +55,8 @@ internal static class GenerateCommand
                 var result = pipeline.Generate(queries, Text(root, "prompt") ?? "", options).Last().Final!;
                 Console.Out.WriteLine(ResultJson(result));
             }
-            catch (Exception e) when (e is JsonException or ArgumentException or UsageException or IOException
-                                          or InvalidDataException or Model.Imaging.InvalidImageException)
+            catch (Exception e) when (e is JsonException or ArgumentException or Model.Errors.ServingException or UsageException or IOException
+                                          or InvalidDataException)
             {
                 failures++;
                 Console.Out.WriteLine(CliJson.Serialize(new { error = e.Message }));

@@ -59,7 +59,7 @@ catch (UsageException e)
     Console.Error.WriteLine(Usage);
     return 2;
 }
-catch (Exception e) when (e is InvalidGenerationOptionException or InvalidImageException or InvalidDataException
+catch (Exception e) when (e is Blip2Mesh.Model.Errors.ServingException or InvalidDataException
                               or FileNotFoundException or DirectoryNotFoundException or InvalidOperationException
                               or ArgumentException or System.Security.Cryptography.CryptographicException)
 {

@@ -24,6 +24,23 @@ public static class TestImages
         return [0x89, .. "PNG\r\n\x1a\n"u8, .. PngChunk("IHDR", ihdr), .. PngChunk("IDAT", idat.ToArray()), .. PngChunk("IEND", [])];
     }
 
+    /// <summary>A complete, valid black RGB PNG of width × height: small to send, slow and large to decode.</summary>
+    public static byte[] BlackPng(int width, int height)
+    {
+        var ihdr = new byte[13];
+        BinaryPrimitives.WriteInt32BigEndian(ihdr, width);
+        BinaryPrimitives.WriteInt32BigEndian(ihdr.AsSpan(4), height);
+        ihdr[8] = 8;
+        ihdr[9] = 2;
+        using var idat = new MemoryStream();
+        using (var zlib = new ZLibStream(idat, CompressionLevel.Fastest, leaveOpen: true))
+        {
+            var row = new byte[1 + 3 * width];
+            for (var y = 0; y < height; y++) zlib.Write(row);
+        }
+        return [0x89, .. "PNG\r\n\x1a\n"u8, .. PngChunk("IHDR", ihdr), .. PngChunk("IDAT", idat.ToArray()), .. PngChunk("IEND", [])];
+    }
+
     private static byte[] PngChunk(string type, byte[] data)
     {
         var chunk = new byte[12 + data.Length];
