@@ -112,4 +112,39 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
         Assert.Null(up!.Error);
         Assert.Equal("eos", up.FinishReason);
     }
+
+    [Fact]
+    public async Task KillingVisionUnderLoadFailsRequestsOnlyAsUnavailableNamingItAndItsRestartTakesTrafficWithin15Seconds()
+    {
+        var client = MeshClients.Gateway(Gateway.Address, out var channel);
+        using var _ = channel;
+        var png = File.ReadAllBytes(Path.Combine(Fixtures.Demo, "samples", "sample000.png"));
+        // Bytes after the PNG's end give every request a new image id (a cache miss) with the same pixels.
+        byte[] NewImage(int i) => [.. png, .. BitConverter.GetBytes(i)];
+        var results = new ConcurrentBag<Answer>();
+        var completed = 0;
+        await Parallel.ForEachAsync(Enumerable.Range(0, 60), new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (i, _) =>
+        {
+            results.Add(await MeshClients.AskAsync(client, MeshClients.Request(NewImage(i)), TimeSpan.FromSeconds(30)));
+            if (Interlocked.Increment(ref completed) == 15) _vision.Kill();
+        });
+        var failed = results.Where(r => r.Error is not null).ToList();
+        output.WriteLine($"{results.Count} requests, {failed.Count} failed after vision was killed: {failed.FirstOrDefault()?.Error?.Status.Detail}");
+        Assert.NotEmpty(failed);
+        Assert.All(failed, r => Assert.Equal(StatusCode.Unavailable, r.Error!.StatusCode));
+        Assert.All(failed, r => Assert.StartsWith("vision stage", r.Error!.Status.Detail));
+        Assert.All(results.Where(r => r.Error is null), r => Assert.Equal("eos", r.FinishReason));
+
+        _vision.Start();
+        var clock = Stopwatch.StartNew();
+        Answer? up = null;
+        for (var i = 100; clock.Elapsed < TimeSpan.FromSeconds(30); i++)
+        {
+            if ((up = await MeshClients.AskAsync(client, MeshClients.Request(NewImage(i)), TimeSpan.FromSeconds(10))).Error is null) break;
+            await Task.Delay(100);
+        }
+        output.WriteLine($"vision served again {clock.Elapsed.TotalSeconds:F1} s after its restart began");
+        Assert.Null(up!.Error);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(15), $"the restarted vision stage took {clock.Elapsed} to get traffic");
+    }
 }
