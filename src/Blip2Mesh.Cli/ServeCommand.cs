@@ -1,9 +1,13 @@
+using System.Net;
 using Blip2Mesh.Decoder;
 using Blip2Mesh.Gateway;
+using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.QFormer;
 using Blip2Mesh.ServiceDefaults;
 using Blip2Mesh.Vision;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Connections;
 
 namespace Blip2Mesh.Cli;
 
@@ -15,49 +19,63 @@ internal static class ServeCommand
         var args = new Args(argv, ModelInputs.Flags);
         if (args.Positionals.Count != 1) throw new UsageException("serve needs one of: vision, qformer, decoder, gateway");
         var stage = args.Positionals[0];
+        if (stage is not ("vision" or "qformer" or "decoder" or "gateway"))
+            throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)");
+        var bind = args.Optional("bind") ?? "127.0.0.1";
+        if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind: '{bind}' is not an IP address");
         var options = new ServiceOptions
         {
             Model = args.Required("model"),
             Port = args.Int("port") ?? throw new UsageException("--port is required"),
             HttpPort = args.Int("http-port"),
-            Bind = args.Optional("bind") ?? "127.0.0.1",
+            Bind = bind,
             Device = ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"),
             Threads = args.Int("threads") ?? 0,
             TlsCertificate = args.Optional("tls-cert"),
             TlsKey = args.Optional("tls-key"),
         };
-        if (!Directory.Exists(options.Model)) throw new DirectoryNotFoundException($"model directory '{options.Model}' does not exist");
-
-        var app = stage switch
+        Func<WebApplication> build = stage switch
         {
-            "vision" => VisionService.Build(options, Batching(args)),
-            "qformer" => QFormerService.Build(options, Batching(args)),
+            "vision" => Batched(args, batching => VisionService.Build(options, batching)),
+            "qformer" => Batched(args, batching => QFormerService.Build(options, batching)),
             "decoder" => DecoderApp(args, options),
-            "gateway" => GatewayApp(args, options),
-            _ => throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)"),
+            _ => GatewayApp(args, options),
         };
-        app.Run();
+        args.EnsureAllUsed();
+        ModelFolder.Require(options.Model);
+        var service = stage == "gateway" ? "the gateway" : $"the {stage} service";
+        ListenPorts.RequireFree(service, address, options.Port, "--port N");
+        if (options.HttpPort is { } httpPort) ListenPorts.RequireFree(service, address, httpPort, "--http-port N");
+
+        var app = build();
+        try
+        {
+            app.Run();
+        }
+        catch (IOException e) when (e.InnerException is AddressInUseException)
+        {
+            // Taken between the check above and the bind.
+            throw new InvalidOperationException($"{service} cannot listen on {bind}:{options.Port}{(options.HttpPort is { } http ? $" and :{http}" : "")}: a port was taken while it started; choose others with --port and --http-port");
+        }
         return 0;
     }
 
     /// <summary>--max-batch N (8) and --max-batch-delay-ms M (0: batch only what arrives while the model is busy).</summary>
-    private static BatchingOptions Batching(Args args)
+    private static Func<WebApplication> Batched(Args args, Func<BatchingOptions, WebApplication> build)
     {
         var batching = new BatchingOptions(args.Int("max-batch") ?? 8, TimeSpan.FromMilliseconds(args.Float("max-batch-delay-ms") ?? 0));
-        args.EnsureAllUsed();
         if (batching.MaxBatch < 1) throw new UsageException("--max-batch must be at least 1");
-        return batching;
+        return () => build(batching);
     }
 
-    private static Microsoft.AspNetCore.Builder.WebApplication DecoderApp(Args args, ServiceOptions options)
+    private static Func<WebApplication> DecoderApp(Args args, ServiceOptions options)
     {
         var rows = args.Int("max-batch-rows") ?? 64;
         var kvCacheMb = args.Int("kv-cache-mb") ?? 1024;
-        args.EnsureAllUsed();
-        return DecoderService.Build(options, rows, (long)kvCacheMb << 20);
+        return () => DecoderService.Build(options, rows, (long)kvCacheMb << 20);
     }
 
-    private static Microsoft.AspNetCore.Builder.WebApplication GatewayApp(Args args, ServiceOptions options)
+    private static Func<WebApplication> GatewayApp(Args args, ServiceOptions options)
     {
         static IReadOnlyList<string> List(string value) => value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
         var defaults = new GatewayOptions { Vision = [], QFormer = [], Decoder = [] };
@@ -72,7 +90,6 @@ internal static class ServeCommand
             ApiKeysFile = args.Optional("api-keys-file"),
             StageTlsCa = args.Optional("tls-ca"),
         };
-        args.EnsureAllUsed();
-        return GatewayService.Build(options, gateway);
+        return () => GatewayService.Build(options, gateway);
     }
 }
