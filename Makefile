@@ -1,6 +1,9 @@
 # Blip2Mesh: BLIP-2 (Flan-T5) served as gRPC microservices.
 MODEL ?= models/blip2-demo
 CONFIG ?= Release
+# `make up` and `make run`: the gateway's gRPC port, and its HTTP port (JSON API, playground; PORT+1 when empty).
+PORT ?= 50051
+HTTP_PORT ?=
 
 .PHONY: build test run up clean e2e-browser
 
@@ -8,18 +11,21 @@ build:
 	dotnet build Blip2Mesh.sln -c $(CONFIG) --nologo -clp:ErrorsOnly
 
 # Every test: the .NET suite (parity, generation, the mesh as real processes, Kubernetes manifests), then the
-# playground in a real browser.
+# playground in a real browser. Installs the Debian packages the tests use when they are missing (scripts/install-deps.sh).
 test:
+	scripts/install-deps.sh test
 	dotnet test Blip2Mesh.sln -c $(CONFIG) --nologo --logger "console;verbosity=normal"
 	PLAYGROUND_SCREENSHOT=$(CURDIR)/out/playground.png $(MAKE) e2e-browser
 
 # Starts the mesh on the bundled demo model, asks it about the sample images, shuts it down.
 run:
-	MODEL=$(MODEL) scripts/demo.sh
+	scripts/install-deps.sh run
+	MODEL=$(MODEL) PORT=$(PORT) HTTP_PORT=$(HTTP_PORT) scripts/demo.sh
 
-# Keeps the mesh running for your own clients (Ctrl-C stops it).
+# Keeps the mesh running for your own clients (Ctrl-C stops it): make up PORT=60051 HTTP_PORT=60080 for other ports.
 up:
-	./blip2mesh up --model $(MODEL) --port 50051
+	scripts/install-deps.sh run
+	./blip2mesh up --model $(MODEL) --port $(PORT)$(if $(HTTP_PORT), --http-port $(HTTP_PORT))
 
 # The browser playground end to end: starts the mesh, drives Debian's chromium (apt-get install -y chromium
 # fonts-dejavu-core; CHROMIUM=PATH to use another) with playwright-core, writes docs/playground.png

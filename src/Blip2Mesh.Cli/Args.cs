@@ -5,9 +5,13 @@ namespace Blip2Mesh.Cli;
 /// <summary>A usage error: printed with the command's usage, exit code 2.</summary>
 public sealed class UsageException(string message) : Exception(message);
 
+/// <summary>--help or -h among a command's options: its usage is printed, exit code 0.</summary>
+public sealed class HelpRequestedException() : Exception("help requested");
+
 /// <summary>
 /// Minimal GNU-style argument reader: "--name value", "--name=value", boolean "--flag", and positionals.
-/// Every option a command reads is consumed; anything left over is reported as unknown.
+/// Every option a command reads is consumed; anything left over is reported as unknown. --help or -h where an
+/// option may stand (not as another option's value) asks for the command's usage.
 /// </summary>
 public sealed class Args
 {
@@ -20,6 +24,7 @@ public sealed class Args
         while (e.MoveNext())
         {
             var arg = e.Current;
+            if (arg is "--help" or "-h") throw new HelpRequestedException();
             if (!arg.StartsWith("--", StringComparison.Ordinal) || arg == "--")
             {
                 _positionals.Add(arg);

@@ -5,6 +5,7 @@ using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text.Json;
 using Blip2Mesh.Client;
+using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Pipeline;
 using Blip2Mesh.Model.Runtime;
@@ -28,7 +29,7 @@ internal static partial class BenchCommand
     public static int Run(string[] argv)
     {
         var args = new Args(argv, new HashSet<string>(["in-process", "mesh", "unique-images"]));
-        var model = Path.GetFullPath(args.Required("model"));
+        var modelArg = args.Required("model");
         var inProcess = args.Flag("in-process");
         var startMesh = args.Flag("mesh");
         var addr = args.Optional("addr");
@@ -56,6 +57,8 @@ internal static partial class BenchCommand
         if (maxNewTokens < 1) throw new UsageException("--max-new-tokens must be at least 1");
         if (minNewTokens < 0 || minNewTokens > maxNewTokens) throw new UsageException("--min-new-tokens must be from 0 to --max-new-tokens");
         var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device), IntraOpThreads: threads ?? 0);
+        ModelFolder.Require(modelArg);
+        var model = Path.GetFullPath(modelArg);
 
         var images = LoadImages(model, imagesDir);
         Console.Error.WriteLine($"bench: {images.Count} image(s), {requests} request(s) per concurrency {string.Join(",", concurrencies)}, {minNewTokens}-{maxNewTokens} new tokens, prompt \"{prompt}\"");

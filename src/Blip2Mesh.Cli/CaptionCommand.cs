@@ -1,4 +1,5 @@
 using Blip2Mesh.Client;
+using Grpc.Core;
 using ProtoOptions = Blip2Mesh.Contracts.V1.GenerationOptions;
 
 namespace Blip2Mesh.Cli;
@@ -10,7 +11,7 @@ internal static class CaptionCommand
     {
         var args = new Args(argv, ModelInputs.Flags);
         if (args.Positionals.Count != 1) throw new UsageException("caption needs one IMAGE file");
-        var image = File.ReadAllBytes(args.Positionals[0]);
+        var image = ModelInputs.ReadImageFile(args.Positionals[0]);
         var address = args.Optional("addr") ?? "127.0.0.1:50051";
         var prompt = args.Optional("prompt") ?? "";
         var apiKey = args.Optional("api-key") ?? Environment.GetEnvironmentVariable("BLIP2MESH_API_KEY");
@@ -18,23 +19,39 @@ internal static class CaptionCommand
         args.EnsureAllUsed();
 
         using var client = new Blip2Client(address, apiKey);
+        var answered = false;
         try
         {
             var stream = client.GenerateAsync(image, prompt, options).GetAsyncEnumerator();
             while (stream.MoveNextAsync().AsTask().GetAwaiter().GetResult())
             {
+                answered = true;
                 Console.Out.Write(stream.Current.Text);
                 Console.Out.Flush();
             }
             Console.Out.WriteLine();
             return 0;
         }
-        catch (Grpc.Core.RpcException e)
+        catch (RpcException e)
         {
-            Console.Error.WriteLine($"blip2mesh: {e.StatusCode}: {e.Status.Detail}");
+            if (answered) Console.Out.WriteLine();
+            Console.Error.WriteLine($"blip2mesh: {Describe(e, address, answered)}");
             return 1;
         }
     }
+
+    /// <summary>The failure in words for the person at the terminal: who could not be reached, and what to do.</summary>
+    private static string Describe(RpcException e, string address, bool answered) => e switch
+    {
+        // The client's own failure (DebugException set): no connection, or one that broke; not a status the gateway sent.
+        { StatusCode: StatusCode.Unavailable, Status.DebugException: not null } when !answered =>
+            $"cannot connect to a gateway at {address}: start the mesh with `./blip2mesh up --model DIR` (or `make up`), or give a running gateway's address with --addr HOST:PORT",
+        { StatusCode: StatusCode.Unavailable, Status.DebugException: not null } =>
+            $"the connection to the gateway at {address} broke while the answer was streaming; the answer above is incomplete",
+        { StatusCode: StatusCode.Unauthenticated } =>
+            $"{e.StatusCode}: {e.Status.Detail} (give the key with --api-key KEY or BLIP2MESH_API_KEY)",
+        _ => $"{e.StatusCode}: {e.Status.Detail}",
+    };
 
     private static ProtoOptions ToProto(Model.Generation.GenerationOptions o)
     {

@@ -24,7 +24,7 @@ internal static class DumpCommand
         FloatTensor pixelValues;
         if (image is not null)
         {
-            var resized = pipeline.Images.ToModelSize(File.ReadAllBytes(image));
+            var resized = pipeline.Images.ToModelSize(ModelInputs.ReadImageFile(image));
             pixelValues = new FloatTensor(pipeline.Images.ToPixelValues(resized), [1, 3, resized.Height, resized.Width]);
         }
         else

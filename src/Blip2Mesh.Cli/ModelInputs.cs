@@ -19,10 +19,13 @@ internal static class ModelInputs
     public static FloatTensor QueryEmbeds(Blip2Pipeline pipeline, string? image, string? pixelValues)
     {
         if ((image is null) == (pixelValues is null)) throw new UsageException("give exactly one of --image and --pixel-values");
-        if (image is not null) return pipeline.EmbedImage(File.ReadAllBytes(image));
+        if (image is not null) return pipeline.EmbedImage(ReadImageFile(image));
         var pixels = ReadPixelValues(pixelValues!);
         return pipeline.Model.RunQFormer(pipeline.Model.EmbedPixelValues(pixels)).QueryEmbeds;
     }
+
+    public static byte[] ReadImageFile(string path) =>
+        File.Exists(path) ? File.ReadAllBytes(path) : throw new FileNotFoundException($"image file '{path}' does not exist");
 
     public static FloatTensor ReadPixelValues(string path)
     {

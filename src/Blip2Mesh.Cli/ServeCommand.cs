@@ -1,7 +1,11 @@
+using System.Net;
 using Blip2Mesh.Gateway;
+using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.ServiceDefaults;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Connections;
 
 namespace Blip2Mesh.Cli;
 
@@ -13,40 +17,55 @@ internal static class ServeCommand
         var args = new Args(argv, ModelInputs.Flags);
         if (args.Positionals.Count != 1) throw new UsageException("serve needs one of: vision, qformer, decoder, gateway");
         var stage = args.Positionals[0];
+        if (stage is not ("vision" or "qformer" or "decoder" or "gateway"))
+            throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)");
+        var bind = args.Optional("bind") ?? "127.0.0.1";
+        if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind: '{bind}' is not an IP address");
         var options = new ServiceOptions
         {
             Model = args.Required("model"),
             Port = args.Int("port") ?? throw new UsageException("--port is required"),
             HttpPort = args.Int("http-port"),
-            Bind = args.Optional("bind") ?? "127.0.0.1",
+            Bind = bind,
             Device = ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"),
             Threads = args.Int("threads") ?? 0,
             TlsCertificate = args.Optional("tls-cert"),
             TlsKey = args.Optional("tls-key"),
         };
-        if (!Directory.Exists(options.Model)) throw new DirectoryNotFoundException($"model directory '{options.Model}' does not exist");
-
-        var app = stage switch
+        Func<WebApplication> build = stage switch
         {
-            "vision" => StageHosts.Vision(options, Batching(args)),
-            "qformer" => StageHosts.QFormer(options, Batching(args)),
+            "vision" => Batched(args, batching => StageHosts.Vision(options, batching)),
+            "qformer" => Batched(args, batching => StageHosts.QFormer(options, batching)),
             "decoder" => DecoderApp(args, options),
-            "gateway" => GatewayApp(args, options),
-            _ => throw new UsageException($"unknown service '{stage}' (expected vision, qformer, decoder or gateway)"),
+            _ => GatewayApp(args, options),
         };
-        app.Run();
+        args.EnsureAllUsed();
+        ModelFolder.Require(options.Model);
+        var service = stage == "gateway" ? "the gateway" : $"the {stage} service";
+        ListenPorts.RequireFree(service, address, options.Port, "--port N");
+        if (options.HttpPort is { } httpPort) ListenPorts.RequireFree(service, address, httpPort, "--http-port N");
+
+        var app = build();
+        try
+        {
+            app.Run();
+        }
+        catch (IOException e) when (e.InnerException is AddressInUseException)
+        {
+            // Taken between the check above and the bind.
+            throw new InvalidOperationException($"{service} cannot listen on {bind}:{options.Port}{(options.HttpPort is { } http ? $" and :{http}" : "")}: a port was taken while it started; choose others with --port and --http-port");
+        }
         return 0;
     }
 
     /// <summary>--max-batch N (8) and --max-batch-delay-ms M (0: batch only what arrives while the model is busy).</summary>
-    private static BatchingOptions Batching(Args args)
+    private static Func<WebApplication> Batched(Args args, Func<BatchingOptions, WebApplication> build)
     {
         var defaults = new BatchingOptions();
         var batching = new BatchingOptions(args.Int("max-batch") ?? defaults.MaxBatch,
             TimeSpan.FromMilliseconds(args.Float("max-batch-delay-ms") ?? defaults.MaxDelay.TotalMilliseconds));
-        args.EnsureAllUsed();
         if (batching.MaxBatch < 1) throw new UsageException("--max-batch must be at least 1");
-        return batching;
+        return () => build(batching);
     }
 
     /// <summary>
@@ -68,7 +87,7 @@ internal static class ServeCommand
         return limits;
     }
 
-    private static Microsoft.AspNetCore.Builder.WebApplication DecoderApp(Args args, ServiceOptions options)
+    private static Func<WebApplication> DecoderApp(Args args, ServiceOptions options)
     {
         var defaults = new ContinuousBatchingOptions();
         var batching = new ContinuousBatchingOptions
@@ -80,15 +99,14 @@ internal static class ServeCommand
             LongAnswerShare = args.Float("long-answer-share") ?? defaults.LongAnswerShare,
         };
         var limits = Limits(args);
-        args.EnsureAllUsed();
         if (batching.MaxRows < 1) throw new UsageException("--max-batch-rows must be at least 1");
         if (batching.KvBudgetBytes < 1) throw new UsageException("--kv-cache-mb must be positive");
         if (batching.MaxQueued < 0) throw new UsageException("--max-queued must not be negative");
         if (batching.LongAnswerShare is <= 0 or > 1) throw new UsageException("--long-answer-share must be in (0, 1]");
-        return StageHosts.Decoder(options, batching, limits);
+        return () => StageHosts.Decoder(options, batching, limits);
     }
 
-    private static Microsoft.AspNetCore.Builder.WebApplication GatewayApp(Args args, ServiceOptions options)
+    private static Func<WebApplication> GatewayApp(Args args, ServiceOptions options)
     {
         static IReadOnlyList<string> List(string value) => value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
         var defaults = new GatewayOptions { Vision = [], QFormer = [], Decoder = [] };
@@ -105,10 +123,9 @@ internal static class ServeCommand
             StageTlsCa = args.Optional("tls-ca"),
         };
         var limits = Limits(args);
-        args.EnsureAllUsed();
         if (gateway.CacheBytes <= 0) throw new UsageException("--cache-mb must be positive");
         if (gateway.MaxImageBytes <= 0) throw new UsageException("--max-image-mb must be positive");
         if (gateway.MaxImageWorkBytes < 1 << 20) throw new UsageException("--max-image-work-mb must be at least 1");
-        return StageHosts.Gateway(options, gateway, limits);
+        return () => StageHosts.Gateway(options, gateway, limits);
     }
 }

@@ -1,5 +1,7 @@
 using System.Diagnostics;
+using System.Net;
 using System.Runtime.InteropServices;
+using Blip2Mesh.Model.Checkpoint;
 using Grpc.Health.V1;
 using Grpc.Net.Client;
 
@@ -16,7 +18,7 @@ internal static partial class UpCommand
     public static int Run(string[] argv)
     {
         var args = new Args(argv, ModelInputs.Flags);
-        var model = Path.GetFullPath(args.Required("model"));
+        var modelArg = args.Required("model");
         var port = args.Int("port") ?? 50051;
         var httpPort = args.Int("http-port") ?? port + 1;
         var decoders = args.Int("decoder-replicas") ?? 1;
@@ -26,6 +28,12 @@ internal static partial class UpCommand
         var threads = args.Int("threads") ?? Math.Max(1, Environment.ProcessorCount / 3);
         args.EnsureAllUsed();
         if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
+        if (httpPort == port) throw new UsageException("--port and --http-port must differ");
+        // Checked here, before any service starts, so a mistake is one line rather than a service's failure.
+        ModelFolder.Require(modelArg);
+        var model = Path.GetFullPath(modelArg);
+        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, port, "--port N (make up PORT=N)");
+        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, httpPort, "--http-port N (make up HTTP_PORT=N)");
 
         var services = new List<Service>();
         using var stopping = new CancellationTokenSource();

@@ -36,7 +36,7 @@ public sealed class MeshEndToEndTests(MeshEndToEndTests.TinyMesh mesh) : IClassF
             prompt = Fixtures.Prompt(Checkpoint, c.Image, c.Prompt).GetProperty("prompt").GetString(),
             options = new { num_beams = c.Beams },
         })));
-        var lines = RunPython(Path.Combine(Fixtures.RepoRoot, "tests", "e2e", "blip2_client.py"), Path.Combine(Fixtures.RepoRoot, "protos"), mesh.Mesh.GatewayAddress, requests);
+        var lines = RunPython(Path.Combine(Fixtures.RepoRoot, "tests", "e2e", "blip2_client.py"), mesh.Mesh.GatewayAddress, requests);
         File.Delete(requests);
 
         Assert.Equal(cases.Count, lines.Count);

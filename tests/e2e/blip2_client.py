@@ -1,32 +1,28 @@
 #!/usr/bin/python3
-"""A third-party gRPC client of the Blip2Mesh gateway: Python grpcio with stubs generated from protos/.
+"""A third-party gRPC client of the Blip2Mesh gateway: Python grpcio with stubs generated from protos/ by
+clients/python/generate_stubs.sh.
 
-usage: blip2_client.py PROTOS_DIR GATEWAY_ADDRESS REQUESTS_JSONL
+usage: blip2_client.py GATEWAY_ADDRESS REQUESTS_JSONL
 Each request line: {"image": PATH, "prompt": TEXT, "options": {...GenerationOptions fields...}}.
 Prints one JSON line per request: {"messages": N, "token_ids": [...], "text": "...", "finish_reason": "...",
 "usage": {...}} or {"error": {"code": NAME, "message": TEXT}}.
 """
 import json
+import os
 import subprocess
 import sys
 import tempfile
 
 import grpc
 
-
-def generate_stubs(protos, out):
-    subprocess.run(
-        ["protoc", f"-I{protos}", f"--python_out={out}", f"--grpc_out={out}",
-         "--plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin",
-         f"{protos}/blip2/v1/blip2.proto", f"{protos}/google/api/annotations.proto", f"{protos}/google/api/http.proto"],
-        check=True)
-    sys.path.insert(0, out)
+GENERATE_STUBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "clients", "python", "generate_stubs.sh")
 
 
 def main():
-    protos, address, requests = sys.argv[1:4]
+    address, requests = sys.argv[1:3]
     with tempfile.TemporaryDirectory() as out:
-        generate_stubs(protos, out)
+        subprocess.run([GENERATE_STUBS, out], check=True)
+        sys.path.insert(0, out)
         from blip2.v1 import blip2_pb2, blip2_pb2_grpc
 
         with grpc.insecure_channel(address) as channel:

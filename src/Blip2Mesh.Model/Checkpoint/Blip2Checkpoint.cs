@@ -31,9 +31,6 @@ public interface IWeightSource
 /// </summary>
 public sealed class Blip2Checkpoint : IWeightSource, IDisposable
 {
-    private const string SingleFile = "model.safetensors";
-    private const string IndexFile = "model.safetensors.index.json";
-
     private readonly List<SafetensorsFile> _files = [];
     private readonly Dictionary<string, WeightRef> _weights = new(StringComparer.Ordinal);
 
@@ -45,15 +42,13 @@ public sealed class Blip2Checkpoint : IWeightSource, IDisposable
 
     private Blip2Checkpoint(string directory)
     {
+        ModelFolder.Require(directory, ModelFiles.Config | ModelFiles.Weights);
         Directory = Path.GetFullPath(directory);
-        if (!System.IO.Directory.Exists(Directory))
-            throw new DirectoryNotFoundException($"model directory '{directory}' does not exist");
         var configPath = Path.Combine(Directory, "config.json");
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"{configPath} is missing", configPath);
         Config = Blip2Config.Load(configPath);
         try
         {
-            foreach (var file in WeightFiles()) Add(SafetensorsFile.Open(Path.Combine(Directory, file)));
+            foreach (var file in ModelFolder.WeightFiles(Directory)) Add(SafetensorsFile.Open(Path.Combine(Directory, file)));
         }
         catch
         {
@@ -64,20 +59,6 @@ public sealed class Blip2Checkpoint : IWeightSource, IDisposable
     }
 
     public static Blip2Checkpoint Open(string directory) => new(directory);
-
-    private IEnumerable<string> WeightFiles()
-    {
-        var indexPath = Path.Combine(Directory, IndexFile);
-        if (File.Exists(indexPath))
-        {
-            using var index = JsonDocument.Parse(File.ReadAllBytes(indexPath));
-            if (!index.RootElement.TryGetProperty("weight_map", out var map))
-                throw new InvalidDataException($"{indexPath}: no weight_map");
-            return map.EnumerateObject().Select(p => p.Value.GetString() ?? "").Distinct().Order(StringComparer.Ordinal).ToList();
-        }
-        if (File.Exists(Path.Combine(Directory, SingleFile))) return [SingleFile];
-        throw new FileNotFoundException($"{Directory} has neither {SingleFile} nor {IndexFile}");
-    }
 
     private void Add(SafetensorsFile file)
     {

@@ -1,3 +1,4 @@
+using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Imaging;
 using Blip2Mesh.Model.Onnx;
@@ -39,6 +40,7 @@ public sealed class Blip2Pipeline : IDisposable
 
     public static Blip2Pipeline Load(string directory, ExecutionOptions? execution = null)
     {
+        ModelFolder.Require(directory);
         var images = LoadImagePreprocessor(directory);
         var tokenizer = T5Tokenizer.Load(directory);
         var model = Blip2Model.Load(directory, RgbNormalization(images), execution);
@@ -51,8 +53,11 @@ public sealed class Blip2Pipeline : IDisposable
         return new Blip2Pipeline(model, images, tokenizer);
     }
 
-    public static ImagePreprocessor LoadImagePreprocessor(string directory) =>
-        new(PreprocessorConfig.Load(Path.Combine(directory, "preprocessor_config.json")));
+    public static ImagePreprocessor LoadImagePreprocessor(string directory)
+    {
+        ModelFolder.Require(directory, ModelFiles.Preprocessor);
+        return new(PreprocessorConfig.Load(Path.Combine(directory, "preprocessor_config.json")));
+    }
 
     /// <summary>The image processor's rescale/normalise steps, to be folded into the uint8 vision graph.</summary>
     public static PixelInput.Rgb8 RgbNormalization(ImagePreprocessor images) =>

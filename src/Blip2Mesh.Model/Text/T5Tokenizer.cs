@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Text.SentencePieceProto;
 using Google.Protobuf;
 using Microsoft.ML.Tokenizers;
@@ -72,6 +73,7 @@ public sealed partial class T5Tokenizer
     /// <summary>Loads <c>spiece.model</c> and <c>extra_ids</c> from <c>tokenizer_config.json</c> (default 100) in a Hugging Face model folder.</summary>
     public static T5Tokenizer Load(string modelDir)
     {
+        ModelFolder.Require(modelDir, ModelFiles.Tokenizer);
         ModelProto model = ModelProto.Parser.ParseFrom(File.ReadAllBytes(Path.Combine(modelDir, "spiece.model")));
         int extraIds = DefaultExtraIds;
         string configPath = Path.Combine(modelDir, "tokenizer_config.json");
