@@ -5,7 +5,7 @@ CONFIG ?= Release
 PORT ?= 50051
 HTTP_PORT ?=
 
-.PHONY: build test run up clean e2e-browser
+.PHONY: build test run up clean e2e-browser gpu-kit gpu-kit-check
 
 build:
 	dotnet build Blip2Mesh.sln -c $(CONFIG) --nologo -clp:ErrorsOnly
@@ -34,6 +34,15 @@ e2e-browser:
 	npm ci --prefix tests/e2e --no-audit --no-fund
 	./blip2mesh --help >/dev/null
 	node --test tests/e2e/playground.spec.mjs
+
+# The GPU kit (docs/gpu.md): the CLI self-contained with ONNX Runtime's CUDA provider, for GPU machines without .NET,
+# in parts of at most 40 MiB under out/gpu-kit/parts (GPU_ARCH=90 by default: the H200's kernels only; GPU_ARCH=all).
+gpu-kit:
+	scripts/gpu-kit.sh build
+
+# The built kit checked here, no GPU needed: reassembled in a fresh folder, tiny-a parity on CPU with no dotnet on PATH.
+gpu-kit-check:
+	scripts/gpu-kit.sh check
 
 clean:
 	rm -rf out; find . -name bin -o -name obj -type d -prune -exec rm -rf {} +

@@ -28,7 +28,7 @@ internal static class SynthCommand
         if (shardMb <= 0) throw new UsageException("--shard-mb must be positive");
 
         var source = Directory.Exists(like) ? like
-            : KnownConfigs.TryGetValue(like, out var known) ? RepoPath(known) ?? throw new DirectoryNotFoundException($"cannot find {known} (run from the repository)")
+            : KnownConfigs.TryGetValue(like, out var known) ? RepoPath(known) ?? throw new DirectoryNotFoundException($"cannot find {known} (run from the repository or a GPU kit)")
             : throw new DirectoryNotFoundException($"--like '{like}' is neither a folder nor one of: {string.Join(", ", KnownConfigs.Keys)}");
         if (Path.GetFullPath(source).TrimEnd('/') == Path.GetFullPath(output).TrimEnd('/'))
             throw new UsageException("--out must differ from --like");
@@ -65,12 +65,16 @@ internal static class SynthCommand
         _ => throw new UsageException($"--dtype: '{text}' is not float32, float16 or bfloat16"),
     };
 
-    /// <summary>A path inside the repository, found above the working directory or above the CLI's own folder.</summary>
+    /// <summary>
+    /// A path inside the repository, or inside a GPU kit (scripts/gpu-kit.sh), which carries the same folders for the
+    /// files the CLI reads from here; found above the working directory or above the CLI's own folder.
+    /// </summary>
     public static string? RepoPath(string relative)
     {
         foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
             for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
-                if (File.Exists(Path.Combine(dir.FullName, "Blip2Mesh.sln")) && Path.Exists(Path.Combine(dir.FullName, relative)))
+                if ((File.Exists(Path.Combine(dir.FullName, "Blip2Mesh.sln")) || File.Exists(Path.Combine(dir.FullName, "blip2mesh-kit.json")))
+                    && Path.Exists(Path.Combine(dir.FullName, relative)))
                     return Path.Combine(dir.FullName, relative);
         return null;
     }
