@@ -135,6 +135,7 @@ public sealed class GatewayService(
         app.MapGrpcService<GatewayService>();
         app.MapMeshEndpoints();
         app.MapPlayground();
+        app.MapLimits();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();
