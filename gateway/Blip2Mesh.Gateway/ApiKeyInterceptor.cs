@@ -25,20 +25,26 @@ public sealed class ApiKeyInterceptor(ApiKeys keys) : Interceptor
 
     private void Check(ServerCallContext context)
     {
-        if (keys.Keys.Count == 0 || !context.Method.StartsWith("/blip2.v1.", StringComparison.Ordinal)) return;
-        var header = context.RequestHeaders.GetValue("authorization");
-        const string prefix = "Bearer ";
-        if (header is null || !header.StartsWith(prefix, StringComparison.OrdinalIgnoreCase))
-            throw new RpcException(new Status(StatusCode.Unauthenticated, "an API key is required: send the header 'authorization: Bearer <key>'"));
-        var presented = Encoding.UTF8.GetBytes(header[prefix.Length..].Trim());
-        if (!keys.Keys.Any(k => CryptographicOperations.FixedTimeEquals(k, presented)))
-            throw new RpcException(new Status(StatusCode.Unauthenticated, "the API key is not valid"));
+        if (!context.Method.StartsWith("/blip2.v1.", StringComparison.Ordinal)) return;
+        if (keys.Refusal(context.RequestHeaders.GetValue("authorization")) is { } refusal)
+            throw new RpcException(new Status(StatusCode.Unauthenticated, refusal));
     }
 }
 
 /// <summary>The accepted API keys (none: the API is open).</summary>
 public sealed record ApiKeys(IReadOnlyList<byte[]> Keys)
 {
+    /// <summary>Why a request with this authorization header is refused, or null when it may pass.</summary>
+    public string? Refusal(string? authorization)
+    {
+        if (Keys.Count == 0) return null;
+        const string prefix = "Bearer ";
+        if (authorization is null || !authorization.StartsWith(prefix, StringComparison.OrdinalIgnoreCase))
+            return "an API key is required: send the header 'authorization: Bearer <key>'";
+        var presented = Encoding.UTF8.GetBytes(authorization[prefix.Length..].Trim());
+        return Keys.Any(k => CryptographicOperations.FixedTimeEquals(k, presented)) ? null : "the API key is not valid";
+    }
+
     /// <summary>One key per line; blank lines and lines starting with # are ignored.</summary>
     public static ApiKeys Load(string? path) => path is null
         ? new ApiKeys([])

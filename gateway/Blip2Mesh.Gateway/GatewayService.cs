@@ -147,6 +147,7 @@ public static class GatewayStage
         app.UseStrictJsonRequests();
         app.MapGrpcService<GatewayService>();
         app.MapPlayground();
+        app.MapLimits();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();

@@ -7,7 +7,7 @@ namespace Blip2Mesh.Gateway;
 
 /// <summary>
 /// The browser playground: a static page (embedded in this assembly, no build step) that talks to the gateway's
-/// own HTTP/JSON API. <c>GET /</c> serves the page, <c>GET /playground/{file}</c> its script and style sheet.
+/// own HTTP/JSON API. <c>GET /</c> serves the page, <c>GET /playground/{file}</c> its script, style sheet and icon.
 /// Browsers reach it on the HTTP/1.1 port; the gRPC port speaks HTTP/2 cleartext only.
 /// </summary>
 public static class Playground
@@ -17,6 +17,7 @@ public static class Playground
         ("/", "Playground/index.html", "text/html; charset=utf-8"),
         ("/playground/app.js", "Playground/app.js", "text/javascript; charset=utf-8"),
         ("/playground/style.css", "Playground/style.css", "text/css; charset=utf-8"),
+        ("/playground/favicon.svg", "Playground/favicon.svg", "image/svg+xml"),
     ];
 
     // The page loads nothing from elsewhere; previews are blob: URLs and the API is same-origin.

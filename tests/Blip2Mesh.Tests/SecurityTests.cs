@@ -36,7 +36,7 @@ public sealed class SecurityTests : IDisposable
         var vision = Serve("vision");
         var qformer = Serve("qformer");
         var decoder = Serve("decoder");
-        var gateway = Serve("gateway", "--vision", vision.Address, "--qformer", qformer.Address, "--decoder", decoder.Address, "--api-keys-file", keys);
+        var gateway = Serve("gateway", "--vision", vision.Address, "--qformer", qformer.Address, "--decoder", decoder.Address, "--api-keys-file", keys, "--max-image-mb", "1");
         var client = MeshClients.Gateway(gateway.Address, out var channel);
         using var _ = channel;
 
@@ -56,6 +56,30 @@ public sealed class SecurityTests : IDisposable
         using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{gateway.HttpPort}") };
         var json = await http.PostAsync("/v1/images", new StringContent($"{{\"image\":\"{Convert.ToBase64String(Image)}\"}}", System.Text.Encoding.UTF8, "application/json"));
         Assert.Equal(System.Net.HttpStatusCode.Unauthorized, json.StatusCode);
+
+        // GET /v1/limits is guarded the same way, and refuses in the same JSON shape as the transcoded API.
+        var limits = await http.GetAsync("/v1/limits");
+        Assert.Equal(System.Net.HttpStatusCode.Unauthorized, limits.StatusCode);
+        using var refusal = System.Text.Json.JsonDocument.Parse(await limits.Content.ReadAsStringAsync());
+        using var transcoded = System.Text.Json.JsonDocument.Parse(await json.Content.ReadAsStringAsync());
+        Assert.Equal(transcoded.RootElement.GetProperty("code").GetInt32(), refusal.RootElement.GetProperty("code").GetInt32());
+        Assert.Equal(transcoded.RootElement.GetProperty("message").GetString(), refusal.RootElement.GetProperty("message").GetString());
+        using var wrongKey = new HttpRequestMessage(HttpMethod.Get, "/v1/limits") { Headers = { { "Authorization", "Bearer nope" } } };
+        var refusedKey = await http.SendAsync(wrongKey);
+        Assert.Equal(System.Net.HttpStatusCode.Unauthorized, refusedKey.StatusCode);
+        Assert.Contains("the API key is not valid", await refusedKey.Content.ReadAsStringAsync());
+        using var withKey = new HttpRequestMessage(HttpMethod.Get, "/v1/limits") { Headers = { { "Authorization", "Bearer s3cret-key-1" } } };
+        var allowed = await http.SendAsync(withKey);
+        Assert.Equal(System.Net.HttpStatusCode.OK, allowed.StatusCode);
+        using var served = System.Text.Json.JsonDocument.Parse(await allowed.Content.ReadAsStringAsync());
+        var generation = new ServiceDefaults.GenerationLimits();
+        var gatewayOptions = new Gateway.GatewayOptions { Vision = [], QFormer = [], Decoder = [], MaxImageBytes = 1 << 20 };
+        Assert.Equal(["maxNewTokens", "maxBeams", "maxPromptTokens", "maxImageBytes", "maxImagePixels"], served.RootElement.EnumerateObject().Select(p => p.Name));
+        Assert.Equal(generation.MaxNewTokens, served.RootElement.GetProperty("maxNewTokens").GetInt32());
+        Assert.Equal(generation.MaxBeams, served.RootElement.GetProperty("maxBeams").GetInt32());
+        Assert.Equal(generation.MaxPromptTokens, served.RootElement.GetProperty("maxPromptTokens").GetInt32());
+        Assert.Equal(gatewayOptions.MaxImageBytes, served.RootElement.GetProperty("maxImageBytes").GetInt32());
+        Assert.Equal(gatewayOptions.MaxImagePixels, served.RootElement.GetProperty("maxImagePixels").GetInt64());
     }
 
     [Fact]

@@ -3,7 +3,8 @@
 //
 //   npm ci --prefix tests/e2e && node --test tests/e2e/playground.spec.mjs      (or: make e2e-browser)
 //
-// Environment: CHROMIUM (default /usr/bin/chromium), PLAYGROUND_SCREENSHOT (default docs/playground.png).
+// Environment: CHROMIUM (default /usr/bin/chromium), PLAYGROUND_SCREENSHOT (default docs/playground.png; the
+// phone-sized one goes next to it as playground-phone.png).
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
@@ -22,6 +23,9 @@ const MODEL = "models/blip2-demo";
 const SAMPLE = path.join(root, MODEL, "samples/sample000.png");
 const QUESTION = "Question: what color is the background? Answer:";
 const SCREENSHOT = path.resolve(root, process.env.PLAYGROUND_SCREENSHOT || "docs/playground.png");
+const PHONE_SCREENSHOT = path.join(path.dirname(SCREENSHOT), "playground-phone.png");
+const PHONE = { width: 390, height: 844 };
+const API_KEY = "playground-test-key";
 const START_TIMEOUT_MS = 300_000;   // ./blip2mesh builds the CLI first when the sources changed
 const ANSWER_TIMEOUT_MS = 60_000;
 
@@ -84,7 +88,18 @@ async function startProcess(args, ready) {
 async function startMesh() {
   const [port, httpPort] = await freePorts(2);
   const mesh = await startProcess(["up", "--model", MODEL, "--port", String(port), "--http-port", String(httpPort)], /^ready /);
-  return { ...mesh, grpc: `127.0.0.1:${port}`, http: `http://127.0.0.1:${httpPort}` };
+  // "service NAME ADDRESS" lines: where each stage listens, for gateways of the tests' own in front of them.
+  const stages = Object.fromEntries(mesh.stdout().split("\n").map((l) => l.split(" ")).filter((p) => p[0] === "service")
+    .map(([, name, address]) => [name, address]));
+  return { ...mesh, stages, grpc: `127.0.0.1:${port}`, http: `http://127.0.0.1:${httpPort}` };
+}
+
+/** A lone gateway with ARGS in front of the mesh's stages; resolves once it serves. */
+async function startGateway(mesh, args) {
+  const [port, httpPort] = await freePorts(2);
+  const gateway = await startProcess(["serve", "gateway", "--model", MODEL, "--port", String(port), "--http-port", String(httpPort),
+    "--vision", mesh.stages.vision, "--qformer", mesh.stages.qformer, "--decoder", mesh.stages["decoder-0"], ...args], /Application started/);
+  return { ...gateway, http: `http://127.0.0.1:${httpPort}` };
 }
 
 /** The answer the gRPC API gives for IMAGE and PROMPT with default options, from the CLI's own gRPC client. */
@@ -109,10 +124,16 @@ async function launchBrowser() {
   return { context, close: async () => { await context.close(); await rm(profile, { recursive: true, force: true }); } };
 }
 
-/** Opens the playground; records page errors, and every answer's text as it changes (a MutationObserver). */
-async function openPlayground(context, baseUrl) {
+/**
+ * Opens the playground; records page errors, failed loads (any GET answered 4xx/5xx, a missing favicon included),
+ * and every answer's text as it changes (a MutationObserver). Waits until the page has asked for the limits.
+ */
+async function openPlayground(context, baseUrl, { limits = "loaded" } = {}) {
   const page = await context.newPage();
   const problems = [];
+  page.on("response", (r) => {
+    if (r.request().method() === "GET" && r.status() >= 400) problems.push(`GET ${new URL(r.url()).pathname}: ${r.status()}`);
+  });
   page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
   page.on("console", (m) => {
     // Failed API calls are logged by the browser itself ("Failed to load resource"); the page shows those.
@@ -120,10 +141,11 @@ async function openPlayground(context, baseUrl) {
   });
   const requests = [];
   page.on("request", (r) => {
-    if (r.method() === "POST") requests.push({ path: new URL(r.url()).pathname, body: r.postDataJSON() });
+    if (r.method() === "POST") requests.push({ path: new URL(r.url()).pathname, body: r.postDataJSON(), authorization: r.headers().authorization });
   });
   const response = await page.goto(`${baseUrl}/`);
   assert.equal(response.status(), 200);
+  await page.waitForSelector(`#limits[data-state=${limits}]`, { timeout: ANSWER_TIMEOUT_MS });
   await page.evaluate(() => {
     const answer = document.getElementById("answer");
     window.answerSnapshots = [];
@@ -232,6 +254,127 @@ describe("browser playground", () => {
     // Fits the 1280x800 window it was designed for.
     const size = await page.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.scrollHeight]);
     assert.ok(size[0] <= 1280 && size[1] <= 800, `the page fits 1280x800, it is ${size.join("x")}`);
+    // Its icon is there (the page names it, so the browser asks for no /favicon.ico).
+    const icon = await page.locator("link[rel=icon]").getAttribute("href");
+    const iconResponse = await page.request.get(new URL(icon, mesh.http).href);
+    assert.equal(iconResponse.status(), 200);
+    assert.equal(iconResponse.headers()["content-type"], "image/svg+xml");
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("the option fields take their bounds from the gateway's /v1/limits", async () => {
+    const { page, problems, requests } = await openPlayground(browser.context, mesh.http);
+    const limits = await (await fetch(`${mesh.http}/v1/limits`)).json();
+    assert.deepEqual(Object.keys(limits).sort(), ["maxBeams", "maxImageBytes", "maxImagePixels", "maxNewTokens", "maxPromptTokens"]);
+    assert.equal(await page.getByLabel("Beams").getAttribute("max"), String(limits.maxBeams));
+    assert.equal(await page.getByLabel("Max new tokens").getAttribute("max"), String(limits.maxNewTokens));
+    assert.equal(await page.getByLabel("Min new tokens").getAttribute("max"), String(limits.maxNewTokens));
+    assert.match(await page.getByTestId("limits").textContent(), new RegExp(`${limits.maxBeams} beams`));
+
+    // One beam more than the gateway takes is refused in the page, before anything is sent.
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    await page.getByLabel("Beams").fill(String(limits.maxBeams + 1));
+    const refused = await ask(page);
+    assert.equal(refused.state, "error");
+    assert.equal(refused.error, `Beams: enter a number from 1 to ${limits.maxBeams}.`);
+    assert.deepEqual(requests, []);
+    await page.getByLabel("Beams").fill(String(limits.maxBeams));
+    const most = await ask(page);
+    assert.equal(most.state, "done", `${limits.maxBeams} beams failed: ${most.error}`);
+    assert.equal(requests[0].body.options.numBeams, limits.maxBeams);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("the preset follows the prompt as it is edited", async () => {
+    const { page, problems } = await openPlayground(browser.context, mesh.http);
+    const preset = page.getByLabel("Preset");
+    const prompt = page.getByLabel("Prompt");
+    await preset.selectOption({ value: QUESTION });
+    await prompt.fill("Question: how many shapes are there? Answer:");
+    assert.equal(await preset.inputValue(), "Question: how many shapes are there? Answer:");
+    await prompt.fill("Question: is the square big? Answer:");
+    assert.equal(await preset.inputValue(), "custom");
+    assert.equal(await preset.locator("option:checked").textContent(), "Your own prompt");
+    await prompt.fill("");
+    assert.equal(await preset.locator("option:checked").textContent(), "Caption (empty prompt)");
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("with API keys on the gateway: the key field, kept in sessionStorage only", async () => {
+    const keys = path.join(scratch, "api-keys");
+    await writeFile(keys, `# the playground test's key\n${API_KEY}\n`);
+    const gateway = await startGateway(mesh, ["--api-keys-file", keys]);
+    try {
+      // Without a key the page says what it needs (the 401 for /v1/limits is the gateway's answer, not a fault).
+      const { page, problems, requests } = await openPlayground(browser.context, gateway.http, { limits: "needs-key" });
+      assert.match(await page.getByTestId("limits").textContent(), /^This gateway wants an API key \(an API key is required: .*\): enter it above\.$/);
+      assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "true");
+      await page.getByTestId("image-input").setInputFiles(SAMPLE);
+      const none = await ask(page);
+      assert.equal(none.state, "error");
+      assert.equal(none.error, "Unauthenticated: an API key is required: send the header 'authorization: Bearer <key>' (enter the gateway's API key in the API key field)");
+
+      await page.getByLabel("API key").fill("not-the-key");
+      await page.getByLabel("API key").dispatchEvent("change");
+      await page.waitForSelector("#limits[data-state=needs-key]");
+      const wrong = await ask(page);
+      assert.equal(wrong.error, "Unauthenticated: the API key is not valid (enter the gateway's API key in the API key field)");
+
+      await page.getByLabel("API key").fill(API_KEY);
+      await page.getByLabel("API key").dispatchEvent("change");
+      await page.waitForSelector("#limits[data-state=loaded]");
+      assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "false");
+      assert.equal(await page.getByLabel("Beams").getAttribute("max"), "8");
+      const answer = await ask(page);
+      assert.equal(answer.state, "done", `with the key: ${answer.error}`);
+      assert.equal(answer.answer, await grpcAnswer(mesh.grpc, SAMPLE, ""));
+      assert.deepEqual(requests.map((r) => r.authorization), [undefined, "Bearer not-the-key", `Bearer ${API_KEY}`]);
+
+      // In this tab's sessionStorage and nowhere that outlives it: a reload keeps it, another tab does not see it.
+      const storage = () => page.evaluate(() => ({ session: { ...sessionStorage }, local: { ...localStorage }, cookies: document.cookie }));
+      assert.deepEqual(await storage(), { session: { "blip2mesh.apiKey": API_KEY }, local: {}, cookies: "" });
+      await page.reload();
+      await page.waitForSelector("#limits[data-state=loaded]");
+      assert.equal(await page.getByLabel("API key").inputValue(), API_KEY);
+      const other = await openPlayground(browser.context, gateway.http, { limits: "needs-key" });
+      assert.equal(await other.page.getByLabel("API key").inputValue(), "");
+      await other.page.close();
+
+      const unexpected = (list) => list.filter((p) => p !== "GET /v1/limits: 401");
+      assert.deepEqual(unexpected(problems), []);
+      await page.close();
+    } finally {
+      await gateway.stop();
+    }
+  });
+
+  test("on a phone-sized screen everything fits and works", async () => {
+    const { page, problems } = await openPlayground(browser.context, mesh.http);
+    await page.setViewportSize(PHONE);
+    await page.getByTestId("image-input").setInputFiles(SAMPLE);
+    await page.getByLabel("Preset").selectOption({ value: QUESTION });
+    const result = await ask(page);
+    assert.equal(result.state, "done", `on a phone: ${result.error}`);
+    assert.equal(result.answer, await grpcAnswer(mesh.grpc, SAMPLE, QUESTION));
+
+    // Nothing wider than the screen, and no label or field whose text spills out of its box.
+    const width = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= PHONE.width, `the page is ${width} px wide on a ${PHONE.width} px screen`);
+    const spilling = await page.evaluate(() => [...document.querySelectorAll("h1, p, label, input, select, button, dt, dd, .stage")]
+      .filter((e) => !e.closest(".visually-hidden") && !e.classList.contains("visually-hidden") && e.getClientRects().length > 0)
+      .filter((e) => {
+        const r = e.getBoundingClientRect();
+        // A field scrolls its own text; anything else whose content is wider than its box spills.
+        const spills = !(e instanceof HTMLInputElement || e instanceof HTMLSelectElement) && e.scrollWidth > e.clientWidth + 1;
+        return r.left < 0 || r.right > innerWidth || spills;
+      })
+      .map((e) => `${e.tagName.toLowerCase()}${e.id ? `#${e.id}` : ""} "${e.textContent.trim().slice(0, 40)}"`));
+    assert.deepEqual(spilling, []);
+    await mkdir(path.dirname(PHONE_SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: PHONE_SCREENSHOT, fullPage: true });
     assert.deepEqual(problems, []);
     await page.close();
   });

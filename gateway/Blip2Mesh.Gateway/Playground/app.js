@@ -1,11 +1,12 @@
-// Blip2Mesh playground: picks an image, streams answers from POST /v1/generate (newline-delimited JSON).
+// Blip2Mesh playground: picks an image, streams answers from POST /v1/generate (newline-delimited JSON); the
+// options' limits come from GET /v1/limits, and an API key, when the gateway wants one, from this tab's sessionStorage.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   form: $("ask-form"), input: $("image-input"), drop: $("drop-zone"), preview: $("preview"), hint: $("drop-hint"),
   imageInfo: $("image-info"), preset: $("preset"), prompt: $("prompt"), ask: $("ask"), status: $("status"),
-  error: $("error"), answer: $("answer"), facts: $("facts"),
+  error: $("error"), answer: $("answer"), facts: $("facts"), apiKey: $("api-key"), limits: $("limits"),
   maxNewTokens: $("max-new-tokens"), minNewTokens: $("min-new-tokens"), numBeams: $("num-beams"), doSample: $("do-sample"),
   temperature: $("temperature"), topP: $("top-p"), seed: $("seed"),
 };
@@ -13,6 +14,8 @@ const ui = {
 // The image being asked about; imageId is set by the gateway's first answer and reused until a new image is chosen.
 const image = { file: null, imageId: null, previewUrl: null };
 let busy = false;
+// What the gateway accepts (GET /v1/limits); null until read.
+let limits = null;
 
 const GRPC_CODES = {
   1: "Cancelled", 2: "Unknown error", 3: "Invalid argument", 4: "Deadline exceeded", 5: "Not found",
@@ -28,6 +31,10 @@ class ApiError extends Error {
 
 function chooseImage(file) {
   if (!file) return;
+  if (limits && file.size > limits.maxImageBytes) {
+    showError(new ApiError(`${file.name} is ${formatBytes(file.size)}; this gateway takes images up to ${formatBytes(limits.maxImageBytes)}.`));
+    return;
+  }
   image.file = file;
   image.imageId = null;
   if (image.previewUrl) URL.revokeObjectURL(image.previewUrl);
@@ -70,11 +77,20 @@ function fileToBase64(file) {
 
 // ---- prompt and options ------------------------------------------------------------------------------------------
 
+const customPreset = ui.preset.querySelector('option[value="custom"]');
+
 ui.preset.addEventListener("change", () => {
+  if (ui.preset.value === "custom") return;
   ui.prompt.value = ui.preset.value;
   ui.prompt.focus();
   const blank = ui.prompt.value.indexOf("…");
   if (blank >= 0) ui.prompt.setSelectionRange(blank, blank + 1);   // typing replaces the placeholder
+});
+
+// The preset shows what the prompt is: a preset's own text, or "Your own prompt" once it is edited away from one.
+ui.prompt.addEventListener("input", () => {
+  const match = [...ui.preset.options].find((o) => o !== customPreset && o.value === ui.prompt.value);
+  ui.preset.value = match ? match.value : customPreset.value;
 });
 
 ui.doSample.addEventListener("change", () => {
@@ -97,6 +113,50 @@ function readOptions() {
     });
   }
   return options;
+}
+
+// ---- the API key and the gateway's limits ------------------------------------------------------------------------
+
+// sessionStorage: the key lives as long as this tab, and is never written anywhere that outlives it.
+const API_KEY_STORAGE = "blip2mesh.apiKey";
+ui.apiKey.value = sessionStorage.getItem(API_KEY_STORAGE) || "";
+ui.apiKey.addEventListener("change", () => {
+  const key = ui.apiKey.value.trim();
+  if (key) sessionStorage.setItem(API_KEY_STORAGE, key);
+  else sessionStorage.removeItem(API_KEY_STORAGE);
+  loadLimits();
+});
+
+function authHeaders() {
+  const key = ui.apiKey.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** Reads GET /v1/limits and sets the option fields' bounds from it; says so when the gateway wants a key first. */
+async function loadLimits() {
+  ui.limits.dataset.state = "loading";
+  try {
+    const response = await fetch("/v1/limits", { headers: authHeaders() });
+    if (!response.ok) throw await errorFrom(response);
+    limits = await response.json();
+  } catch (e) {
+    limits = null;
+    const needsKey = e instanceof ApiError && e.code === 16;
+    ui.apiKey.setAttribute("aria-invalid", String(needsKey));
+    ui.limits.textContent = needsKey
+      ? `This gateway wants an API key (${e.message}): enter it above.`
+      : `Could not read the gateway's limits: ${e.message}`;
+    ui.limits.dataset.state = needsKey ? "needs-key" : "error";
+    return;
+  }
+  ui.apiKey.setAttribute("aria-invalid", "false");
+  ui.maxNewTokens.max = limits.maxNewTokens;
+  ui.minNewTokens.max = limits.maxNewTokens;
+  ui.numBeams.max = limits.maxBeams;
+  $("image-limit").textContent = `, up to ${formatBytes(limits.maxImageBytes)}`;
+  ui.limits.textContent = `Gateway limits: ${limits.maxNewTokens} new tokens, ${limits.maxBeams} beams, ` +
+    `${limits.maxPromptTokens} prompt tokens, images up to ${formatBytes(limits.maxImageBytes)}.`;
+  ui.limits.dataset.state = "loaded";
 }
 
 // ---- the API -----------------------------------------------------------------------------------------------------
@@ -122,7 +182,7 @@ async function* generate(request) {
   let response;
   try {
     response = await fetch("/v1/generate", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request),
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(request),
     });
   } catch {
     throw new ApiError("Could not reach the gateway (network error). Is the mesh still running?");
@@ -227,6 +287,7 @@ function showFacts({ reused, sentBytes, firstToken, elapsed, last }) {
 }
 
 ui.form.addEventListener("submit", ask);
+loadLimits();
 
 // ---- page state --------------------------------------------------------------------------------------------------
 
@@ -247,6 +308,7 @@ function showError(e) {
   if (e instanceof ApiError) {
     text = e.code !== undefined ? `${GRPC_CODES[e.code] || `Error ${e.code}`}: ${e.message}` : e.message;
     if (e.code === 14) text += " (a stage of the mesh is down or unreachable; try again once it is back)";
+    if (e.code === 16) text += " (enter the gateway's API key in the API key field)";
   } else {
     text = `Something went wrong in the page: ${e && e.message ? e.message : e}`;
   }
