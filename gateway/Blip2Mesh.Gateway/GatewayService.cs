@@ -119,7 +119,12 @@ public static class GatewayStage
     public static WebApplicationBuilder AddGatewayStage(this WebApplicationBuilder builder, GatewayOptions gateway, GenerationLimits limits)
     {
         var services = builder.Services;
-        services.AddGrpc(o => o.Interceptors.Add<ApiKeyInterceptor>()).AddJsonTranscoding(o => o.JsonSettings.IgnoreDefaultValues = true);
+        services.AddGrpc(o => o.Interceptors.Add<ApiKeyInterceptor>()).AddJsonTranscoding(o =>
+        {
+            o.JsonSettings.IgnoreDefaultValues = true;
+            // Error bodies carry the statuses' BadRequest details, which JSON can only name from a registry.
+            o.TypeRegistry = Google.Protobuf.Reflection.TypeRegistry.FromMessages(Google.Rpc.BadRequest.Descriptor);
+        });
         services.AddSingleton(ApiKeys.Load(gateway.ApiKeysFile));
         services.AddSingleton(gateway);
         services.AddSingleton(limits.Validate());

@@ -285,10 +285,10 @@ public sealed class ImagePreprocessingTests(ITestOutputHelper output)
         var png = TestImages.BombPng(50000, 50000);
 
         var error = Assert.Throws<InvalidImageException>(() => ImageDecoder.Decode(png));
-        Assert.Equal($"image of 50000x50000 pixels exceeds the limit of {ImageDecoder.DefaultMaxPixels} pixels", error.Message);
+        Assert.Equal($"image: image of 50000x50000 pixels exceeds the limit of {ImageDecoder.DefaultMaxPixels} pixels", error.Message);
 
         var small = File.ReadAllBytes(ImageFile(7));
-        Assert.Equal("image of 16x12 pixels exceeds the limit of 100 pixels",
+        Assert.Equal("image: image of 16x12 pixels exceeds the limit of 100 pixels",
             Assert.Throws<InvalidImageException>(() => ImageDecoder.Decode(small, maxPixels: 100)).Message);
     }
 }

@@ -465,7 +465,7 @@ describe("browser playground", () => {
       await page.getByTestId("image-input").setInputFiles(SAMPLE);
       const result = await ask(page);
       assert.equal(result.state, "error");
-      assert.match(result.error, /^Unavailable: vision stage: .* \(a stage of the mesh is down or unreachable/);
+      assert.match(result.error, /^Unavailable: vision stage is unavailable .* \(a stage of the mesh is down or unreachable/);
       assert.deepEqual(problems, []);
       await page.close();
     } finally {
