@@ -3,9 +3,9 @@
 #
 #   scripts/install-deps.sh run     the .NET 10 SDK (checked; it is not a Debian package, so never installed here)
 #   scripts/install-deps.sh test    that, and the Debian packages the tests use: python3-grpcio, python3-protobuf,
-#                                   protoc, grpc_python_plugin and the well-known .protos (the Python client), redis-server (the shared
-#                                   cache), chromium and a font (the playground test), kubectl (the manifests),
-#                                   node and npm (the playground test's runner)
+#                                   protoc, grpc_python_plugin and the well-known .protos (the Python client),
+#                                   redis-server (the shared cache), chromium and a font (the playground test),
+#                                   kubectl (the manifests), node and npm (the playground test's runner)
 #
 # As root it apt-installs what is missing; otherwise it prints the exact command to run and fails.
 set -euo pipefail

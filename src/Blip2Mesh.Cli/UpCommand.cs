@@ -32,8 +32,8 @@ internal static partial class UpCommand
         // Checked here, before any service starts, so a mistake is one line rather than a service's failure.
         ModelFolder.Require(modelArg);
         var model = Path.GetFullPath(modelArg);
-        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, port, "--port N (make up PORT=N)");
-        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, httpPort, "--http-port N (make up HTTP_PORT=N)");
+        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, port, "--port N (make up PORT=N, make run PORT=N)");
+        ListenPorts.RequireFree("the gateway", IPAddress.Loopback, httpPort, "--http-port N (make up HTTP_PORT=N, make run HTTP_PORT=N)");
 
         var services = new List<Service>();
         using var stopping = new CancellationTokenSource();

@@ -91,10 +91,10 @@ public sealed class CliMessageTests : IDisposable
 
         var up = CliProcess.Run("up", "--model", Fixtures.Demo, "--port", busy.ToString());
         Assert.Equal(1, up.ExitCode);
-        Assert.Equal([$"blip2mesh: the gateway cannot listen on 127.0.0.1:{busy}: the port is in use (another blip2mesh?); stop what holds it or choose another port with --port N (make up PORT=N)"], Lines(up.Stderr));
+        Assert.Equal([$"blip2mesh: the gateway cannot listen on 127.0.0.1:{busy}: the port is in use (another blip2mesh?); stop what holds it or choose another port with --port N (make up PORT=N, make run PORT=N)"], Lines(up.Stderr));
         var upHttp = CliProcess.Run("up", "--model", Fixtures.Demo, "--port", free, "--http-port", busy.ToString());
         Assert.Equal(1, upHttp.ExitCode);
-        Assert.Equal([$"blip2mesh: the gateway cannot listen on 127.0.0.1:{busy}: the port is in use (another blip2mesh?); stop what holds it or choose another port with --http-port N (make up HTTP_PORT=N)"], Lines(upHttp.Stderr));
+        Assert.Equal([$"blip2mesh: the gateway cannot listen on 127.0.0.1:{busy}: the port is in use (another blip2mesh?); stop what holds it or choose another port with --http-port N (make up HTTP_PORT=N, make run HTTP_PORT=N)"], Lines(upHttp.Stderr));
         Assert.Equal("", up.Stdout + upHttp.Stdout);
     }
 
