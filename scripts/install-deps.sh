@@ -5,7 +5,7 @@
 #   scripts/install-deps.sh test    that, and the Debian packages the tests use: python3-grpcio, python3-protobuf,
 #                                   protoc, grpc_python_plugin and the well-known .protos (the Python client),
 #                                   redis-server (the shared cache), chromium and a font (the playground test),
-#                                   kubectl (the manifests), node and npm (the playground test's runner)
+#                                   kubectl (the manifests), node and npm (the playground test's runner), xz-utils (the GPU kit's packing)
 #
 # As root it apt-installs what is missing; otherwise it prints the exact command to run and fails.
 set -euo pipefail
@@ -18,7 +18,7 @@ if ! command -v dotnet >/dev/null || ! dotnet --list-sdks 2>/dev/null | grep -q 
 fi
 [ "$what" = run ] && exit 0
 
-packages=(python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev redis-server chromium fonts-dejavu-core)
+packages=(python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev redis-server chromium fonts-dejavu-core xz-utils)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p"); done
 # Some machine images ship kubectl, node and npm from elsewhere; Debian's packages only where there are none.
