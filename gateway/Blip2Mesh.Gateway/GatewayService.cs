@@ -21,14 +21,14 @@ public sealed class GatewayService(
 {
     public override async Task<PutImageResponse> PutImage(PutImageRequest request, ServerCallContext context)
     {
-        using var _ = MeshTelemetry.Time(MeshTelemetry.RequestDuration, "method", "PutImage");
         var embedding = await embedder.EmbedAsync(request.Image.Memory, context);
         return new PutImageResponse { ImageId = embedding.ImageId, CacheHit = embedding.CacheHit };
     }
 
     public override async Task Generate(GenerateRequest request, IServerStreamWriter<GenerateResponse> responses, ServerCallContext context)
     {
-        using var timer = MeshTelemetry.Time(MeshTelemetry.RequestDuration, "method", "Generate");
+        // The request's duration and status are recorded by ServingErrorInterceptor; this clock serves stage_ms and TTFT.
+        var timer = System.Diagnostics.Stopwatch.StartNew();
         var hasImage = !request.Image.IsEmpty;
         var hasId = !string.IsNullOrEmpty(request.ImageId);
         if (hasImage == hasId)
@@ -73,7 +73,7 @@ public sealed class GatewayService(
                     if (forwarded == 0) response.ImageId = embedding.ImageId;
                     if (e.TokenIds.Count > 0 && firstTokenMs is null)
                     {
-                        firstTokenMs = timer.ElapsedMs;
+                        firstTokenMs = timer.Elapsed.TotalMilliseconds;
                         MeshTelemetry.TimeToFirstToken.Record(firstTokenMs.Value);
                     }
                     if (!string.IsNullOrEmpty(e.FinishReason))
@@ -82,11 +82,11 @@ public sealed class GatewayService(
                         response.Usage = new Usage { PromptTokens = e.PromptTokens, GeneratedTokens = e.GeneratedTokens, CacheHit = embedding.CacheHit };
                         foreach (var (stage, ms) in embedding.StageMs) response.Usage.StageMs[stage] = ms;
                         response.Usage.StageMs["decoder"] = e.DecoderMs;
-                        response.Usage.StageMs["total"] = timer.ElapsedMs;
-                        if (firstTokenMs is { } first && e.GeneratedTokens > 1 && timer.ElapsedMs > first)
-                            MeshTelemetry.TokensPerSecond.Record((e.GeneratedTokens - 1) / ((timer.ElapsedMs - first) / 1000));
+                        response.Usage.StageMs["total"] = timer.Elapsed.TotalMilliseconds;
+                        if (firstTokenMs is { } first && e.GeneratedTokens > 1 && timer.Elapsed.TotalMilliseconds > first)
+                            MeshTelemetry.TokensPerSecond.Record((e.GeneratedTokens - 1) / ((timer.Elapsed.TotalMilliseconds - first) / 1000));
                         logger.LogInformation("generated {Tokens} tokens ({FinishReason}) for image {ImageId} in {Milliseconds:F1} ms, cache hit {CacheHit}",
-                            e.GeneratedTokens, e.FinishReason, embedding.ImageId, timer.ElapsedMs, embedding.CacheHit);
+                            e.GeneratedTokens, e.FinishReason, embedding.ImageId, timer.Elapsed.TotalMilliseconds, embedding.CacheHit);
                     }
                     // From here on a failure cannot be retried: the caller already has part of the answer.
                     rc.Properties.Set(StagePipelines.StreamStarted, true);
@@ -131,6 +131,7 @@ public static class GatewayStage
         services.AddSingleton(new StagePipelines(gateway.Resilience));
         services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes));
         services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
+        services.AddSingleton<IReadinessCheck, StageReadiness>();
         services.AddSingleton(sp => T5Tokenizer.Load(sp.GetRequiredService<ServiceOptions>().Model));
         if (gateway.Redis is { } redis)
             services.AddSingleton(sp => new RedisEmbeddingStore(redis, gateway.RedisTtl, sp.GetRequiredService<ILoggerFactory>().CreateLogger<RedisEmbeddingStore>()));

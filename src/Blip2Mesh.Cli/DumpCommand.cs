@@ -35,7 +35,7 @@ internal static class DumpCommand
         var m = pipeline.Model;
         var vision = m.EmbedPixelValues(pixelValues);
         var qformer = m.RunQFormer(vision);
-        var encoded = m.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode(prompt)]);
+        var encoded = m.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode(prompt)], hiddenStates: true);
         var text = m.Config.Text;
         var firstStepLogits = m.FirstStepLogits(encoded);
 
@@ -45,8 +45,8 @@ internal static class DumpCommand
             Float("vision_last_hidden_state", vision),
             Float("qformer_last_hidden_state", qformer.QueryOutput),
             Float("language_projection", qformer.QueryEmbeds),
-            Float("inputs_embeds", encoded.InputsEmbeds),
-            Float("encoder_last_hidden_state", encoded.LastHiddenState),
+            Float("inputs_embeds", encoded.InputsEmbeds!),
+            Float("encoder_last_hidden_state", encoded.LastHiddenState!),
             Float("first_step_logits", firstStepLogits with { Shape = [1, 1, text.VocabSize] }),
         ]);
         Console.Out.WriteLine($"wrote {output}");

@@ -82,8 +82,13 @@ internal static partial class UpCommand
         foreach (var arg in extra) start.ArgumentList.Add(arg);
         var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start the {name} service");
         // Service logs go to stderr, prefixed, so stdout stays the machine-readable "ready" line.
-        process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine($"[{name}] {e.Data}"); };
-        process.ErrorDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine($"[{name}] {e.Data}"); };
+        // JSON log lines pass through as they are (they name their service), so `jq` reads them; others get a prefix.
+        void Forward(string? line)
+        {
+            if (line is not null) Console.Error.WriteLine(line.StartsWith('{') ? line : $"[{name}] {line}");
+        }
+        process.OutputDataReceived += (_, e) => Forward(e.Data);
+        process.ErrorDataReceived += (_, e) => Forward(e.Data);
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
         var service = new Service(name, port, httpPort, process);

@@ -4,6 +4,7 @@ using Grpc.Health.V1;
 using Grpc.HealthCheck;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -92,13 +93,36 @@ public static class MeshHost
         return app;
     }
 
-    /// <summary>Maps health, reflection and the metrics endpoint; call after building.</summary>
+    /// <summary>
+    /// Maps health (grpc.health.v1, and over plain HTTP for probes and balancers that speak no gRPC: <c>/healthz</c> and
+    /// <c>/v2/health/live</c> answer while the process runs, <c>/readyz</c> and <c>/v2/health/ready</c> while it is
+    /// SERVING and every registered <see cref="IReadinessCheck"/> passes), reflection and the metrics endpoint.
+    /// </summary>
     public static void MapMeshEndpoints(this WebApplication app)
     {
         app.MapGrpcService<HealthServiceImpl>();
         app.MapGrpcReflectionService();
         app.MapPrometheusScrapingEndpoint();
+        foreach (var path in new[] { "/healthz", "/v2/health/live" })
+            app.MapGet(path, () => Results.Json(new { status = "live" }));
+        foreach (var path in new[] { "/readyz", "/v2/health/ready" })
+            app.MapGet(path, async (ServiceHealth health, IEnumerable<IReadinessCheck> checks, HttpContext context) =>
+            {
+                var reason = health.IsServing ? null : "not serving (the model is loading, or the service is stopping)";
+                foreach (var check in checks)
+                    reason ??= await check.NotReadyBecauseAsync(context.RequestAborted);
+                return reason is null
+                    ? Results.Json(new { status = "ready" })
+                    : Results.Json(new { status = "not ready", reason }, statusCode: StatusCodes.Status503ServiceUnavailable);
+            });
     }
+}
+
+/// <summary>What else a service needs to be ready beyond its own model (the gateway: its stages).</summary>
+public interface IReadinessCheck
+{
+    /// <summary>Why the service is not ready, as a sentence for an operator; null when it is.</summary>
+    Task<string?> NotReadyBecauseAsync(CancellationToken cancellation);
 }
 
 /// <summary>grpc.health.v1 status of this process, for "" and for the service's own name.</summary>
@@ -117,6 +141,10 @@ public sealed class ServiceHealth
 
     private readonly Lock _gate = new();
     private bool _stopping;
+    private volatile bool _serving;
+
+    /// <summary>Whether the service is SERVING now.</summary>
+    public bool IsServing => _serving;
 
     /// <summary>SERVING, unless the host has begun to stop: a model that finishes loading during shutdown stays withdrawn.</summary>
     public void SetServing()
@@ -137,6 +165,7 @@ public sealed class ServiceHealth
 
     private void Set(HealthCheckResponse.Types.ServingStatus status)
     {
+        _serving = status == HealthCheckResponse.Types.ServingStatus.Serving;
         Impl.SetStatus("", status);
         Impl.SetStatus(_serviceName, status);
     }

@@ -21,7 +21,9 @@ public static class MeshTelemetry
     public static readonly Meter Meter = new(Name);
 
     public static readonly Histogram<double> RequestDuration = Meter.CreateHistogram<double>(
-        "blip2mesh.gateway.request.duration", "ms", "Gateway request latency, by method");
+        "blip2mesh.gateway.request.duration", "ms", "Public API request latency, by method and status (the gRPC code name)");
+    public static readonly Counter<long> Requests = Meter.CreateCounter<long>(
+        "blip2mesh.gateway.requests", null, "Public API requests, by method and status (the gRPC code name): the error rate");
     public static readonly Histogram<double> TimeToFirstToken = Meter.CreateHistogram<double>(
         "blip2mesh.gateway.time_to_first_token", "ms", "From request arrival to the first streamed token");
     public static readonly Histogram<double> TokensPerSecond = Meter.CreateHistogram<double>(
@@ -47,7 +49,8 @@ public static class MeshTelemetry
         if (Environment.GetEnvironmentVariable("BLIP2MESH_LOG_FORMAT") == "json")
         {
             builder.Logging.ClearProviders();
-            builder.Logging.AddJsonConsole(o => o.IncludeScopes = true);
+            builder.Logging.AddConsole(o => o.FormatterName = JsonLogFormatter.FormatterName)
+                .AddConsoleFormatter<JsonLogFormatter, JsonLogFormatterOptions>(o => o.Service = serviceName);
         }
         builder.Services.AddOpenTelemetry()
             .ConfigureResource(r => r.AddService(serviceName))

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using Blip2Mesh.Model.Errors;
 using Google.Protobuf.WellKnownTypes;
 using Google.Rpc;
@@ -42,6 +43,24 @@ public static class ServingErrors
         return exception;
     }
 
+    /// <summary>The gRPC code's canonical name (OK, INVALID_ARGUMENT, …), as metrics and logs label it.</summary>
+    public static string CodeName(StatusCode code) => code switch
+    {
+        StatusCode.OK => "OK",
+        StatusCode.InvalidArgument => "INVALID_ARGUMENT",
+        StatusCode.DeadlineExceeded => "DEADLINE_EXCEEDED",
+        StatusCode.NotFound => "NOT_FOUND",
+        StatusCode.AlreadyExists => "ALREADY_EXISTS",
+        StatusCode.PermissionDenied => "PERMISSION_DENIED",
+        StatusCode.ResourceExhausted => "RESOURCE_EXHAUSTED",
+        StatusCode.FailedPrecondition => "FAILED_PRECONDITION",
+        StatusCode.OutOfRange => "OUT_OF_RANGE",
+        StatusCode.Unimplemented => "UNIMPLEMENTED",
+        StatusCode.DataLoss => "DATA_LOSS",
+        StatusCode.Unauthenticated => "UNAUTHENTICATED",
+        _ => code.ToString().ToUpperInvariant(),
+    };
+
     /// <summary>Whether a status was made by <see cref="Create"/> (in this process or a stage's).</summary>
     public static bool IsOurs(RpcException e) => e.Trailers.Get(MarkerTrailer) is not null;
 
@@ -51,20 +70,27 @@ public static class ServingErrors
 }
 
 /// <summary>
-/// Every service's handlers run inside this: a <see cref="ServingException"/> becomes its status (logged once at
-/// warning level), an unexpected exception becomes INTERNAL with no .NET text (the server log gets the exception),
-/// and a status already made passes as it is.
+/// Every service's handlers run inside this, the one place that sees how each call ends: a <see cref="ServingException"/>
+/// becomes its status, an unexpected exception becomes INTERNAL with no .NET text (the server log gets the exception),
+/// and a status already made passes as it is. Each failed call is logged once at warning level with its status, trace
+/// id and request id (<c>x-request-id</c>, when the caller sent one); calls of the public API are timed and counted by
+/// method and status.
 /// </summary>
 public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> logger) : Interceptor
 {
+    /// <summary>Methods of the public API (the gateway's), whose calls feed the request metrics.</summary>
+    private const string PublicApi = "/blip2.v1.";
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
         UnaryServerMethod<TRequest, TResponse> continuation)
     {
+        var clock = Stopwatch.StartNew();
         try
         {
-            return await continuation(request, context);
+            var response = await continuation(request, context);
+            Record(context, clock, StatusCode.OK);
+            return response;
         }
-        catch (Exception e) when (Translate(e, context) is { } status)
+        catch (Exception e) when (Translate(e, context, clock) is { } status)
         {
             throw status;
         }
@@ -73,11 +99,13 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
     public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
         ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
     {
+        var clock = Stopwatch.StartNew();
         try
         {
             await continuation(request, responseStream, context);
+            Record(context, clock, StatusCode.OK);
         }
-        catch (Exception e) when (Translate(e, context) is { } status)
+        catch (Exception e) when (Translate(e, context, clock) is { } status)
         {
             throw status;
         }
@@ -86,11 +114,13 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
     public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
         IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
     {
+        var clock = Stopwatch.StartNew();
         try
         {
             await continuation(requestStream, responseStream, context);
+            Record(context, clock, StatusCode.OK);
         }
-        catch (Exception e) when (Translate(e, context) is { } status)
+        catch (Exception e) when (Translate(e, context, clock) is { } status)
         {
             throw status;
         }
@@ -99,20 +129,27 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
     public override async Task<TResponse> ClientStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
         ServerCallContext context, ClientStreamingServerMethod<TRequest, TResponse> continuation)
     {
+        var clock = Stopwatch.StartNew();
         try
         {
-            return await continuation(requestStream, context);
+            var response = await continuation(requestStream, context);
+            Record(context, clock, StatusCode.OK);
+            return response;
         }
-        catch (Exception e) when (Translate(e, context) is { } status)
+        catch (Exception e) when (Translate(e, context, clock) is { } status)
         {
             throw status;
         }
     }
 
     /// <summary>The status to answer with; null lets the exception pass (the caller went away: nobody reads an answer).</summary>
-    private RpcException? Translate(Exception e, ServerCallContext context)
+    private RpcException? Translate(Exception e, ServerCallContext context, Stopwatch clock)
     {
-        if (context.CancellationToken.IsCancellationRequested && e is OperationCanceledException or IOException) return null;
+        if (context.CancellationToken.IsCancellationRequested && e is OperationCanceledException or IOException)
+        {
+            Record(context, clock, context.Deadline <= DateTime.UtcNow ? StatusCode.DeadlineExceeded : StatusCode.Cancelled);
+            return null;
+        }
         RpcException status;
         switch (e)
         {
@@ -123,10 +160,27 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
                 status = rpc;
                 break;
             default:
-                logger.LogError(e, "{Method} failed unexpectedly", context.Method);
-                return ServingErrors.Create(StatusCode.Internal, "internal error: the request could not be completed (the server log has the details)");
+                logger.LogError(e, "{Method} failed unexpectedly (request id {RequestId})", context.Method, RequestId(context));
+                status = ServingErrors.Create(StatusCode.Internal, "internal error: the request could not be completed (the server log has the details)");
+                break;
         }
-        logger.LogWarning("{Method} answered {Status}: {Detail}", context.Method, status.StatusCode, status.Status.Detail);
+        if (e is ServingException or RpcException)
+            logger.LogWarning("{Method} answered {Status}: {Detail} (request id {RequestId})", context.Method, status.StatusCode, status.Status.Detail, RequestId(context));
+        Record(context, clock, status.StatusCode);
         return status;
+    }
+
+    private static string RequestId(ServerCallContext context) => context.RequestHeaders.GetValue("x-request-id") ?? "none";
+
+    private static void Record(ServerCallContext context, Stopwatch clock, StatusCode code)
+    {
+        if (!context.Method.StartsWith(PublicApi, StringComparison.Ordinal)) return;
+        var tags = new TagList
+        {
+            { "method", context.Method[(context.Method.LastIndexOf('/') + 1)..] },
+            { "status", ServingErrors.CodeName(code) },
+        };
+        MeshTelemetry.RequestDuration.Record(clock.Elapsed.TotalMilliseconds, tags);
+        MeshTelemetry.Requests.Add(1, tags);
     }
 }

@@ -31,6 +31,7 @@ public sealed class HealthTests
         Assert.Same(await model.Ready, model.Value);
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, await Status(health));
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, await Status(health, "blip2mesh.test.v1.Stage"));
+        Assert.True(health.IsServing, "/readyz reads this");
 
         lifetime.StopApplication();
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, await Status(health));

@@ -17,9 +17,10 @@ public sealed partial class MeshProcess : IDisposable
     public string Log => _log.ToString();
     private readonly System.Text.StringBuilder _log = new();
 
-    public MeshProcess(string model, int decoderReplicas = 1)
+    public MeshProcess(string model, int decoderReplicas = 1, IReadOnlyDictionary<string, string>? environment = null)
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var (name, value) in environment ?? new Dictionary<string, string>()) start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
         foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString()])
             start.ArgumentList.Add(arg);

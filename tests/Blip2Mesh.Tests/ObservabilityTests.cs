@@ -47,10 +47,16 @@ public sealed class ObservabilityTests
         }
 
         var gateway = Scrape(mesh.Metrics["gateway"]);
-        Assert.Equal(requests, gateway["blip2mesh_gateway_request_duration_milliseconds_count{method=\"Generate\"}"]);
-        Assert.InRange(gateway["blip2mesh_gateway_request_duration_milliseconds_sum{method=\"Generate\"}"], 1, 60_000 * requests);
+        const string generateOk = "{method=\"Generate\",status=\"OK\"}";
+        Assert.Equal(requests, gateway[$"blip2mesh_gateway_request_duration_milliseconds_count{generateOk}"]);
+        Assert.Equal(requests, gateway[$"blip2mesh_gateway_requests_total{generateOk}"]);
+        Assert.InRange(gateway[$"blip2mesh_gateway_request_duration_milliseconds_sum{generateOk}"], 1, 60_000 * requests);
         Assert.Equal(requests, gateway["blip2mesh_gateway_time_to_first_token_milliseconds_count"]);
-        Assert.True(gateway["blip2mesh_gateway_time_to_first_token_milliseconds_sum"] < gateway["blip2mesh_gateway_request_duration_milliseconds_sum{method=\"Generate\"}"]);
+        Assert.True(gateway["blip2mesh_gateway_time_to_first_token_milliseconds_sum"] < gateway[$"blip2mesh_gateway_request_duration_milliseconds_sum{generateOk}"]);
+        // A rejected request is counted under its status: the error rate is visible.
+        var refused = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[0]), "", new Contracts.V1.GenerationOptions { NumBeams = 99 }));
+        Assert.Equal(Grpc.Core.StatusCode.InvalidArgument, refused.Error?.StatusCode);
+        Assert.Equal(1, Scrape(mesh.Metrics["gateway"])["blip2mesh_gateway_requests_total{method=\"Generate\",status=\"INVALID_ARGUMENT\"}"]);
         Assert.True(gateway["blip2mesh_gateway_tokens_per_second_count"] > 0);
         Assert.Equal(Images.Length, gateway["blip2mesh_cache_misses_total"]);
         Assert.Equal(requests - Images.Length, gateway["blip2mesh_cache_hits_total{level=\"l1\"}"]);
@@ -129,5 +135,49 @@ public sealed class ObservabilityTests
             for (var parent = span.ParentSpanId; trace.TryGetValue(parent, out var p); parent = p.ParentSpanId) ancestors.Add(parent);
             Assert.Contains(request.SpanId, ancestors);
         }
+    }
+
+    [Fact]
+    public async Task UnderUpJsonLogsParseLineByLineWithTraceIdsAndEveryServiceAnswersHttpHealth()
+    {
+        var mesh = new MeshProcess(Fixtures.Demo, environment: new Dictionary<string, string> { ["BLIP2MESH_LOG_FORMAT"] = "json" });
+        try
+        {
+            var client = MeshClients.Gateway(mesh.GatewayAddress, out var channel);
+            using var _ = channel;
+            Assert.Null((await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[0])))).Error);
+            var refused = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[0]), "", new Contracts.V1.GenerationOptions { NumBeams = 99 }),
+                headers: new Grpc.Core.Metadata { { "x-request-id", "req-42" } });
+            Assert.Equal(Grpc.Core.StatusCode.InvalidArgument, refused.Error?.StatusCode);
+
+            using var http = new HttpClient();
+            foreach (var (service, metrics) in mesh.Metrics)
+                foreach (var path in new[] { "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready" })
+                {
+                    var response = await http.GetAsync(metrics.Replace("/metrics", path));
+                    Assert.True(response.IsSuccessStatusCode, $"{service} {path}: {(int)response.StatusCode}");
+                }
+        }
+        finally
+        {
+            mesh.Dispose();
+        }
+
+        // Every line a service wrote is one JSON object with its fields at the top level (`up` adds no prefix to them).
+        var logs = mesh.Log.Split('\n', StringSplitOptions.RemoveEmptyEntries).Where(l => l.StartsWith('{')).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
+        Assert.NotEmpty(logs);
+        Assert.DoesNotContain(mesh.Log.Split('\n'), l => l.StartsWith("[gateway] {", StringComparison.Ordinal));
+        foreach (var log in logs)
+        {
+            Assert.True(DateTimeOffset.TryParse(log.GetProperty("timestamp").GetString(), out _));
+            Assert.False(string.IsNullOrEmpty(log.GetProperty("level").GetString()));
+            Assert.False(string.IsNullOrEmpty(log.GetProperty("service").GetString()));
+        }
+        var rejection = Assert.Single(logs, l => l.GetProperty("message").GetString()!.Contains("req-42"));
+        Assert.Equal("Warning", rejection.GetProperty("level").GetString());
+        Assert.Contains("InvalidArgument", rejection.GetProperty("message").GetString());
+        Assert.Matches("^[0-9a-f]{32}$", rejection.GetProperty("trace_id").GetString());
+        // A clean run leaves no error in any stage's log (stage calls are completed, never reset).
+        Assert.DoesNotContain(logs, l => l.GetProperty("level").GetString() is "Error" or "Critical");
     }
 }

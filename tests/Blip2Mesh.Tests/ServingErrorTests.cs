@@ -30,13 +30,14 @@ public sealed class ServingErrorTests(ServingErrorTests.InProcessMesh mesh, ITes
         public string GatewayHttp { get; private set; } = "";
         /// <summary>A gateway whose vision address has nothing listening.</summary>
         public string GatewayWithoutVision { get; private set; } = "";
+        public string GatewayWithoutVisionHttp { get; private set; } = "";
 
         private static ServiceOptions Options(bool http = false) =>
             new() { Model = Fixtures.Demo, Port = MeshProcess.FreePort(), HttpPort = http ? MeshProcess.FreePort() : null, Threads = 1 };
 
         public async Task InitializeAsync()
         {
-            var (vision, qformer, decoderA, decoderB, gateway, lonely) = (Options(), Options(), Options(), Options(), Options(http: true), Options());
+            var (vision, qformer, decoderA, decoderB, gateway, lonely) = (Options(), Options(), Options(), Options(), Options(http: true), Options(http: true));
             var tinyBudget = new ContinuousBatchingOptions { KvBudgetBytes = 1 << 20 };
             var stages = new GatewayOptions
             {
@@ -53,6 +54,7 @@ public sealed class ServingErrorTests(ServingErrorTests.InProcessMesh mesh, ITes
             Gateway = $"127.0.0.1:{gateway.Port}";
             GatewayHttp = $"http://127.0.0.1:{gateway.HttpPort}";
             GatewayWithoutVision = $"127.0.0.1:{lonely.Port}";
+            GatewayWithoutVisionHttp = $"http://127.0.0.1:{lonely.HttpPort}";
             // Ready when an ordinary request is answered (the stage models load in the background).
             var client = MeshClients.Gateway(Gateway, out var channel);
             using var _ = channel;
@@ -149,6 +151,20 @@ public sealed class ServingErrorTests(ServingErrorTests.InProcessMesh mesh, ITes
         Assert.Equal(StatusCode.Unavailable, answer.Error?.StatusCode);
         Assert.StartsWith("vision stage", answer.Error!.Status.Detail);
         AssertMeantForCallers(answer.Error.Status.Detail);
+    }
+
+    [Fact]
+    public async Task AGatewayIsReadyOverHttpOnlyWhileEveryStageIsServing()
+    {
+        using var http = new HttpClient();
+        Assert.Equal(HttpStatusCode.OK, (await http.GetAsync($"{mesh.GatewayHttp}/readyz")).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await http.GetAsync($"{mesh.GatewayWithoutVisionHttp}/healthz")).StatusCode);
+        var notReady = await http.GetAsync($"{mesh.GatewayWithoutVisionHttp}/readyz");
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, notReady.StatusCode);
+        var body = await notReady.Content.ReadAsStringAsync();
+        Assert.Contains("the vision stage is not serving", body);
+        AssertMeantForCallers(body);
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, (await http.GetAsync($"{mesh.GatewayWithoutVisionHttp}/v2/health/ready")).StatusCode);
     }
 
     [Fact]

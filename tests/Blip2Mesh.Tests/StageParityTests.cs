@@ -61,9 +61,9 @@ public sealed class StageParityTests(ITestOutputHelper output)
         foreach (var prompt in Fixtures.Image(checkpoint, image).GetProperty("prompts").EnumerateArray())
         {
             var j = prompt.GetProperty("prompt_index").GetInt32();
-            var encoded = model.Encode(queries, [Fixtures.Ints(prompt.GetProperty("input_ids"))]);
-            AssertClose(checkpoint, encoded.InputsEmbeds, $"img{image}/prompt{j}/inputs_embeds");
-            AssertClose(checkpoint, encoded.LastHiddenState, $"img{image}/prompt{j}/encoder_last_hidden_state");
+            var encoded = model.Encode(queries, [Fixtures.Ints(prompt.GetProperty("input_ids"))], hiddenStates: true);
+            AssertClose(checkpoint, encoded.InputsEmbeds!, $"img{image}/prompt{j}/inputs_embeds");
+            AssertClose(checkpoint, encoded.LastHiddenState!, $"img{image}/prompt{j}/encoder_last_hidden_state");
 
             var logits = model.FirstStepLogits(encoded);
             AssertClose(checkpoint, logits with { Shape = [1, 1, model.Config.Text.VocabSize] }, $"img{image}/prompt{j}/first_step_logits");

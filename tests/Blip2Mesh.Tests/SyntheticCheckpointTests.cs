@@ -169,14 +169,14 @@ public sealed class SyntheticCheckpointTests(SynthesisedCheckpoints synth) : ICl
         var resized = pipeline.Images.ToModelSize(Image());
         var imageEmbeds = model.EmbedRgb(resized.Pixels, 1);
         var qformer = model.RunQFormer(imageEmbeds);
-        var encoder = model.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode("Question: what is this? Answer:")]);
+        var encoder = model.Encode(qformer.QueryEmbeds, [pipeline.Tokenizer.Encode("Question: what is this? Answer:")], hiddenStates: true);
         var logits = model.FirstStepLogits(encoder);
         return new()
         {
             ["image_embeds"] = imageEmbeds,
             ["query_output"] = qformer.QueryOutput,
             ["query_embeds"] = qformer.QueryEmbeds,
-            ["last_hidden_state"] = encoder.LastHiddenState,
+            ["last_hidden_state"] = encoder.LastHiddenState!,
             ["logits"] = logits,
         };
     }

@@ -10,7 +10,6 @@ public sealed record Attr(string Name, AttributeProto Proto)
 {
     public static Attr Int(string name, long value) => new(name, new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.Int, I = value });
     public static Attr Float(string name, float value) => new(name, new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.Float, F = value });
-    public static Attr Str(string name, string value) => new(name, new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8(value) });
     public static Attr Ints(string name, params long[] values)
     {
         var proto = new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.Ints };

@@ -11,11 +11,11 @@ public sealed record QFormerOutput(FloatTensor QueryOutput, FloatTensor QueryEmb
 /// Output of the T5 encoder stage: what the decoder needs for every step of a request (every decoder layer's
 /// cross-attention keys/values, left on the execution device, and the encoder padding mask).
 /// </summary>
-public sealed record EncoderOutput(FloatTensor InputsEmbeds, FloatTensor LastHiddenState, KeyValueCache Cross, long[] AttentionMask)
-{
-    public int Batch => (int)LastHiddenState.Shape[0];
-    public int SequenceLength => (int)LastHiddenState.Shape[1];
-}
+/// <summary>
+/// What the T5 encoder leaves for decoding: the cross-attention keys/values (on the execution device) and the mask.
+/// <see cref="InputsEmbeds"/> and <see cref="LastHiddenState"/> are copied to the host only when asked for (dumps, parity tests).
+/// </summary>
+public sealed record EncoderOutput(KeyValueCache Cross, long[] AttentionMask, int Batch, FloatTensor? InputsEmbeds = null, FloatTensor? LastHiddenState = null);
 
 /// <summary>Which side of a cache's slots holds the empty ones: in front (self-attention), or behind (cross-attention).</summary>
 public enum SlotPadding { Front, Back }
@@ -117,7 +117,8 @@ public sealed class Blip2Model : IDisposable
     /// T5 encoder over [query_embeds ; prompt ids] for a batch; prompts of different lengths are right-padded
     /// with pad_token_id and masked, as HF pads them.
     /// </summary>
-    public EncoderOutput Encode(FloatTensor queryEmbeds, IReadOnlyList<IReadOnlyList<int>> promptIds)
+    /// <param name="hiddenStates">Also copy the encoder's input embeddings and last hidden state to the host.</param>
+    public EncoderOutput Encode(FloatTensor queryEmbeds, IReadOnlyList<IReadOnlyList<int>> promptIds, bool hiddenStates = false)
     {
         var batch = promptIds.Count;
         if (queryEmbeds.Shape[0] != batch) throw new ArgumentException("one prompt per query_embeds row is required");
@@ -140,14 +141,16 @@ public sealed class Blip2Model : IDisposable
             [T5EncoderGraph.QueryEmbeds] = queries,
             [T5EncoderGraph.InputIds] = idsValue,
             [T5EncoderGraph.AttentionMask] = maskValue,
-        }, new HashSet<string> { T5EncoderGraph.InputsEmbeds, T5EncoderGraph.LastHiddenState });
+        }, hiddenStates ? new HashSet<string> { T5EncoderGraph.InputsEmbeds, T5EncoderGraph.LastHiddenState } : new HashSet<string>());
         using var inputsEmbeds = outputs[session.OutputIndex(T5EncoderGraph.InputsEmbeds)];
         using var lastHiddenState = outputs[session.OutputIndex(T5EncoderGraph.LastHiddenState)];
         var layers = Config.Text.NumDecoderLayers;
         var cross = new KeyValueCache(
             Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5EncoderGraph.CrossKey(i))]).ToArray(),
             Enumerable.Range(0, layers).Select(i => outputs[session.OutputIndex(T5EncoderGraph.CrossValue(i))]).ToArray());
-        return new EncoderOutput(Tensors.ToFloat(inputsEmbeds), Tensors.ToFloat(lastHiddenState), cross, mask);
+        return hiddenStates
+            ? new EncoderOutput(cross, mask, batch, Tensors.ToFloat(inputsEmbeds), Tensors.ToFloat(lastHiddenState))
+            : new EncoderOutput(cross, mask, batch);
     }
 
     /// <summary>

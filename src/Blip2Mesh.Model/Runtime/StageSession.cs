@@ -31,10 +31,10 @@ public sealed class StageSession : IDisposable
     }
 
     /// <summary>Runs the graph; the caller owns (and disposes) the returned values, in <see cref="OutputNames"/> order.</summary>
-    public IDisposableReadOnlyCollection<OrtValue> Run(IReadOnlyDictionary<string, OrtValue> inputs, RunOptions? runOptions = null)
+    public IDisposableReadOnlyCollection<OrtValue> Run(IReadOnlyDictionary<string, OrtValue> inputs)
     {
-        using var defaultOptions = runOptions is null ? new RunOptions() : null;
-        return _session.Run(runOptions ?? defaultOptions!, inputs.Keys.ToList(), inputs.Values.ToList(), OutputNames);
+        using var runOptions = new RunOptions();
+        return _session.Run(runOptions, inputs.Keys.ToList(), inputs.Values.ToList(), OutputNames);
     }
 
     /// <summary>
