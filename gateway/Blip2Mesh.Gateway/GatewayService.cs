@@ -151,6 +151,7 @@ public static class GatewayStage
     public static WebApplication MapGatewayStage(this WebApplication app)
     {
         app.UseStrictJsonRequests();
+        app.UseStrictGrpcRequests();
         app.MapGrpcService<GatewayService>();
         app.MapPlayground();
         app.MapLimits();

@@ -113,9 +113,12 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
         Assert.Equal("eos", up.FinishReason);
     }
 
-    [Fact]
-    public async Task KillingVisionUnderLoadFailsRequestsOnlyAsUnavailableNamingItAndItsRestartTakesTrafficWithin15Seconds()
+    [Theory]
+    [InlineData("vision")]
+    [InlineData("qformer")]
+    public async Task KillingAnEncoderStageUnderLoadFailsRequestsOnlyAsUnavailableNamingItAndItsRestartTakesTrafficWithin15Seconds(string stage)
     {
+        var victim = stage == "vision" ? _vision : _qformer;
         var client = MeshClients.Gateway(Gateway.Address, out var channel);
         using var _ = channel;
         var png = File.ReadAllBytes(Path.Combine(Fixtures.Demo, "samples", "sample000.png"));
@@ -126,16 +129,16 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
         await Parallel.ForEachAsync(Enumerable.Range(0, 60), new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (i, _) =>
         {
             results.Add(await MeshClients.AskAsync(client, MeshClients.Request(NewImage(i)), TimeSpan.FromSeconds(30)));
-            if (Interlocked.Increment(ref completed) == 15) _vision.Kill();
+            if (Interlocked.Increment(ref completed) == 15) victim.Kill();
         });
         var failed = results.Where(r => r.Error is not null).ToList();
-        output.WriteLine($"{results.Count} requests, {failed.Count} failed after vision was killed: {failed.FirstOrDefault()?.Error?.Status.Detail}");
+        output.WriteLine($"{results.Count} requests, {failed.Count} failed after {stage} was killed: {failed.FirstOrDefault()?.Error?.Status.Detail}");
         Assert.NotEmpty(failed);
         Assert.All(failed, r => Assert.Equal(StatusCode.Unavailable, r.Error!.StatusCode));
-        Assert.All(failed, r => Assert.StartsWith("vision stage", r.Error!.Status.Detail));
+        Assert.All(failed, r => Assert.StartsWith($"{stage} stage", r.Error!.Status.Detail));
         Assert.All(results.Where(r => r.Error is null), r => Assert.Equal("eos", r.FinishReason));
 
-        _vision.Start();
+        victim.Start();
         var clock = Stopwatch.StartNew();
         Answer? up = null;
         for (var i = 100; clock.Elapsed < TimeSpan.FromSeconds(30); i++)
@@ -143,8 +146,8 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
             if ((up = await MeshClients.AskAsync(client, MeshClients.Request(NewImage(i)), TimeSpan.FromSeconds(10))).Error is null) break;
             await Task.Delay(100);
         }
-        output.WriteLine($"vision served again {clock.Elapsed.TotalSeconds:F1} s after its restart began");
+        output.WriteLine($"{stage} served again {clock.Elapsed.TotalSeconds:F1} s after its restart began");
         Assert.Null(up!.Error);
-        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(15), $"the restarted vision stage took {clock.Elapsed} to get traffic");
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(15), $"the restarted {stage} stage took {clock.Elapsed} to get traffic");
     }
 }

@@ -154,6 +154,19 @@ public sealed class ServingErrorTests(ServingErrorTests.InProcessMesh mesh, ITes
     }
 
     [Fact]
+    public async Task AMessageThatIsNotProtobufIsInvalidArgument()
+    {
+        using var channel = Grpc.Net.Client.GrpcChannel.ForAddress($"http://{mesh.Gateway}");
+        var raw = Marshallers.Create<byte[]>(b => b, b => b);
+        var method = new Method<byte[], byte[]>(MethodType.Unary, "blip2.v1.Blip2", "PutImage", raw, raw);
+        var e = await Assert.ThrowsAsync<RpcException>(async () =>
+            await channel.CreateCallInvoker().AsyncUnaryCall(method, null, new CallOptions(), [0xFF, 0xFF, 0xFF, 0xFF, 0x0F, 0x01]));
+        output.WriteLine($"{e.StatusCode}: {e.Status.Detail}");
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        AssertMeantForCallers(e.Status.Detail);
+    }
+
+    [Fact]
     public async Task AGatewayIsReadyOverHttpOnlyWhileEveryStageIsServing()
     {
         using var http = new HttpClient();
