@@ -80,61 +80,31 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
 {
     /// <summary>Methods of the public API (the gateway's), whose calls feed the request metrics.</summary>
     private const string PublicApi = "/blip2.v1.";
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
-        UnaryServerMethod<TRequest, TResponse> continuation)
-    {
-        var clock = Stopwatch.StartNew();
-        try
-        {
-            var response = await continuation(request, context);
-            Record(context, clock, StatusCode.OK);
-            return response;
-        }
-        catch (Exception e) when (Translate(e, context, clock) is { } status)
-        {
-            throw status;
-        }
-    }
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
+        UnaryServerMethod<TRequest, TResponse> continuation) =>
+        Observe(context, () => continuation(request, context));
 
-    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
-        ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
-    {
-        var clock = Stopwatch.StartNew();
-        try
-        {
-            await continuation(request, responseStream, context);
-            Record(context, clock, StatusCode.OK);
-        }
-        catch (Exception e) when (Translate(e, context, clock) is { } status)
-        {
-            throw status;
-        }
-    }
+    public override Task<TResponse> ClientStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
+        ServerCallContext context, ClientStreamingServerMethod<TRequest, TResponse> continuation) =>
+        Observe(context, () => continuation(requestStream, context));
 
-    public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
-        IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
-    {
-        var clock = Stopwatch.StartNew();
-        try
-        {
-            await continuation(requestStream, responseStream, context);
-            Record(context, clock, StatusCode.OK);
-        }
-        catch (Exception e) when (Translate(e, context, clock) is { } status)
-        {
-            throw status;
-        }
-    }
+    public override Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
+        ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation) =>
+        Observe(context, async () => { await continuation(request, responseStream, context); return true; });
 
-    public override async Task<TResponse> ClientStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
-        ServerCallContext context, ClientStreamingServerMethod<TRequest, TResponse> continuation)
+    public override Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream,
+        IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation) =>
+        Observe(context, async () => { await continuation(requestStream, responseStream, context); return true; });
+
+    /// <summary>Runs one call: its outcome recorded, any failure answered as <see cref="Translate"/> says.</summary>
+    private async Task<T> Observe<T>(ServerCallContext context, Func<Task<T>> call)
     {
         var clock = Stopwatch.StartNew();
         try
         {
-            var response = await continuation(requestStream, context);
+            var result = await call();
             Record(context, clock, StatusCode.OK);
-            return response;
+            return result;
         }
         catch (Exception e) when (Translate(e, context, clock) is { } status)
         {

@@ -18,7 +18,7 @@ public sealed class CliTests : IDisposable
         return Path.Combine(Fixtures.TinyA, Fixtures.Image(Checkpoint, image).GetProperty("file").GetString()!);
     }
 
-    private static CliProcess.Result Ok(params string[] args)
+    private static ProcessResult Ok(params string[] args)
     {
         var result = CliProcess.Run(args);
         Assert.True(result.ExitCode == 0, $"exit {result.ExitCode}: {result.Stderr}");

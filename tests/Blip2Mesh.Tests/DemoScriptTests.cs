@@ -50,21 +50,14 @@ public sealed class DemoScriptTests : IDisposable
         File.WriteAllText(cli, $"#!/bin/sh\nexec dotnet '{Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll")}' \"$@\"\n");
         File.SetUnixFileMode(cli, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
 
-        var start = new ProcessStartInfo("bash") { RedirectStandardOutput = true, RedirectStandardError = true };
-        start.ArgumentList.Add(Path.Combine(Fixtures.RepoRoot, "scripts", "demo.sh"));
-        start.Environment["MODEL"] = Fixtures.Demo;
-        start.Environment["PORT"] = MeshProcess.FreePort().ToString();
-        start.Environment["HTTP_PORT"] = MeshProcess.FreePort().ToString();
-        start.Environment["BLIP2MESH"] = cli;
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(TimeSpan.FromMinutes(3)))
+        var run = TestProcess.Run("bash", [Path.Combine(Fixtures.RepoRoot, "scripts", "demo.sh")], TimeSpan.FromMinutes(3), new Dictionary<string, string>
         {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"scripts/demo.sh did not finish:\n{stdout.Result}\n{stderr.Result}");
-        }
-        Assert.True(process.ExitCode == 0, $"scripts/demo.sh failed ({process.ExitCode}):\n{stdout.Result}\n{stderr.Result}");
-        return stdout.Result.Split('\n', StringSplitOptions.RemoveEmptyEntries).ToList();
+            ["MODEL"] = Fixtures.Demo,
+            ["PORT"] = MeshProcess.FreePort().ToString(),
+            ["HTTP_PORT"] = MeshProcess.FreePort().ToString(),
+            ["BLIP2MESH"] = cli,
+        });
+        Assert.True(run.ExitCode == 0, $"scripts/demo.sh failed ({run.ExitCode}):\n{run.Stdout}\n{run.Stderr}");
+        return run.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).ToList();
     }
 }

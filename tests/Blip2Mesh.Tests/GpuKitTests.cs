@@ -276,24 +276,9 @@ public sealed class GpuKitTests : IDisposable
 
     // ---- processes --------------------------------------------------------------------------------------------------
 
-    private static ScriptResult GpuKit(string[] args, int partBytes = PartBytes) =>
+    private static ProcessResult GpuKit(string[] args, int partBytes = PartBytes) =>
         Run("bash", [Path.Combine(Scripts, "gpu-kit.sh"), .. args], new() { ["PART_BYTES"] = partBytes.ToString() });
 
-    private sealed record ScriptResult(int ExitCode, string Stdout, string Stderr);
-
-    private static ScriptResult Run(string program, string[] args, Dictionary<string, string>? environment = null)
-    {
-        var start = new ProcessStartInfo(program) { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var arg in args) start.ArgumentList.Add(arg);
-        foreach (var (name, value) in environment ?? []) start.Environment[name] = value;
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(TimeSpan.FromMinutes(1)))
-        {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"{program} {string.Join(' ', args)} did not finish");
-        }
-        return new ScriptResult(process.ExitCode, stdout.Result, stderr.Result);
-    }
+    private static ProcessResult Run(string program, string[] args, Dictionary<string, string>? environment = null) =>
+        TestProcess.Run(program, args, TimeSpan.FromMinutes(1), environment);
 }

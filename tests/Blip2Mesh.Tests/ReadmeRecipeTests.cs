@@ -106,21 +106,9 @@ public sealed partial class ReadmeRecipeTests(ReadmeRecipeTests.DemoMesh mesh, I
     private static bool OnPath(string tool) =>
         (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Any(dir => File.Exists(Path.Combine(dir, tool)));
 
-    private static (int ExitCode, string Stdout, string Stderr) Bash(string workingDirectory, string script)
-    {
-        var start = new ProcessStartInfo("bash") { WorkingDirectory = workingDirectory, RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var arg in (string[])["-euo", "pipefail", "-c", script]) start.ArgumentList.Add(arg);
-        // Debian's python3 (python3-grpcio, which make test installs) before any other python3 on PATH, such as a
-        // pyenv shim's without grpcio.
-        start.Environment["PATH"] = "/usr/bin:" + Environment.GetEnvironmentVariable("PATH");
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(TimeSpan.FromMinutes(2)))
-        {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"the recipe did not finish:\n{script}");
-        }
-        return (process.ExitCode, stdout.Result, stderr.Result);
-    }
+    // Debian's python3 (python3-grpcio, which make test installs) before any other python3 on PATH, such as a pyenv
+    // shim's without grpcio.
+    private static ProcessResult Bash(string workingDirectory, string script) =>
+        TestProcess.Run("bash", ["-euo", "pipefail", "-c", script], TimeSpan.FromMinutes(2),
+            new Dictionary<string, string> { ["PATH"] = "/usr/bin:" + Environment.GetEnvironmentVariable("PATH") }, workingDirectory);
 }
