@@ -7,18 +7,21 @@ using Blip2Mesh.ServiceDefaults;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 
 namespace Blip2Mesh.Decoder;
 
 /// <summary>What the decoder stage runs: Flan-T5 (encoder + KV-cached decoder), its tokenizer and the batcher.</summary>
 public sealed class DecoderRuntime : IDisposable
 {
-    public DecoderRuntime(ServiceOptions service, ContinuousBatchingOptions batching)
+    public DecoderRuntime(ServiceOptions service, ContinuousBatchingOptions batching, ILogger logger)
     {
         Tokenizer = T5Tokenizer.Load(service.Model);
         Model = Blip2Model.Load(service.Model, new PixelInput.Rgb8(null, null, null), service.Execution);
         Model.Warm(decoder: true);
         Generator = new Generator(Model);
+        Encoder = new PromptEncoder(Generator, batching.EncoderBatching, batching.MaxEncoderBatch, service.Device);
+        logger.LogInformation("{Decision}", Encoder.Decision);
         Batcher = new ContinuousBatcher(Generator, batching,
             onStep: rows => MeshTelemetry.BatchSize.Record(rows, new KeyValuePair<string, object?>("stage", "decoder")));
         MeshTelemetry.Meter.CreateObservableGauge("blip2mesh.decoder.active_sequences", () => Batcher.ActiveSequences,
@@ -30,6 +33,7 @@ public sealed class DecoderRuntime : IDisposable
     public Blip2Model Model { get; }
     public T5Tokenizer Tokenizer { get; }
     public Generator Generator { get; }
+    public PromptEncoder Encoder { get; }
     public ContinuousBatcher Batcher { get; }
 
     public void Dispose()
@@ -47,7 +51,7 @@ public static class DecoderStage
     public static WebApplicationBuilder AddDecoderStage(this WebApplicationBuilder builder, ContinuousBatchingOptions batching, GenerationLimits limits)
     {
         builder.Services.AddSingleton(limits.Validate());
-        builder.Services.AddLoadedModel(service => new DecoderRuntime(service, batching.Validate()));
+        builder.Services.AddLoadedModel((service, logger) => new DecoderRuntime(service, batching.Validate(), logger));
         return builder;
     }
 
@@ -79,7 +83,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "decoder"));
         using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
         var cancellation = context.CancellationToken;
-        var state = r.Generator.Start(queries, promptIds, options);
+        var state = await r.Encoder.StartAsync(queries, promptIds, options, cancellation);
         var tokens = r.Batcher.Submit(state, cancellation);
 
         var text = r.Tokenizer.CreateStreamingDecoder();

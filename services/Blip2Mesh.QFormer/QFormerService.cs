@@ -14,7 +14,7 @@ public static class QFormerStage
 
     public static WebApplicationBuilder AddQFormerStage(this WebApplicationBuilder builder, BatchingOptions batching)
     {
-        builder.Services.AddLoadedModel(service =>
+        builder.Services.AddLoadedModel((service, _) =>
         {
             // The Q-Former never sees pixels; normalisation settings are irrelevant here.
             var model = Blip2Model.Load(service.Model, new PixelInput.Rgb8(null, null, null), service.Execution);

@@ -17,7 +17,7 @@ public static class VisionStage
 
     public static WebApplicationBuilder AddVisionStage(this WebApplicationBuilder builder, BatchingOptions batching)
     {
-        builder.Services.AddLoadedModel(service =>
+        builder.Services.AddLoadedModel((service, _) =>
         {
             var model = Blip2Model.Load(service.Model, Blip2Pipeline.RgbNormalization(Blip2Pipeline.LoadImagePreprocessor(service.Model)), service.Execution);
             model.Warm(vision: true);

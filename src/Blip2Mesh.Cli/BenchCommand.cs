@@ -48,6 +48,7 @@ internal static partial class BenchCommand
         var decoderReplicas = args.Int("decoder-replicas") ?? 1;
         var uniqueImages = args.Flag("unique-images");
         var threads = args.Int("threads");
+        var encoderBatching = ParseEncoderBatching(args.Optional("encoder-batching"));
         args.EnsureAllUsed();
         if ((inProcess ? 1 : 0) + (startMesh ? 1 : 0) + (addr is null ? 0 : 1) != 1)
             throw new UsageException("give exactly one of --in-process, --mesh and --addr HOST:PORT");
@@ -64,7 +65,7 @@ internal static partial class BenchCommand
         Console.Error.WriteLine($"bench: {images.Count} image(s), {requests} request(s) per concurrency {string.Join(",", concurrencies)}, {minNewTokens}-{maxNewTokens} new tokens, prompt \"{prompt}\"");
 
         var loadWatch = Stopwatch.StartNew();
-        IBenchTarget target = inProcess ? new InProcessTarget(model, execution)
+        IBenchTarget target = inProcess ? new InProcessTarget(model, execution, encoderBatching)
             : startMesh ? MeshTarget.StartMesh(model, device, decoderReplicas, threads)
             : MeshTarget.Connect(addr!, ParsePids(pids));
         var loadSeconds = loadWatch.Elapsed.TotalSeconds;
@@ -112,6 +113,7 @@ internal static partial class BenchCommand
             ["prompt"] = prompt,
             ["images"] = uniqueImages ? "unique" : images.Count,
             ["load_s"] = Round(loadSeconds),
+            ["encoder_batching"] = (target as InProcessTarget)?.EncoderBatchingDecision,
             // Stage sessions are built on first use: the first warm-up request includes building them.
             ["first_request_s"] = runs.Count > 0 ? Round(runs[0].WarmupSeconds) : null,
             ["vision_qformer_ms_per_image"] = imageMs is { } ms ? Round(ms) : null,
@@ -336,6 +338,15 @@ internal static partial class BenchCommand
         Dictionary<string, double> PeakRssMb();
     }
 
+    /// <summary>--encoder-batching auto|on|off (auto: measured at start-up, always on CUDA).</summary>
+    public static EncoderBatching ParseEncoderBatching(string? value) => value switch
+    {
+        null or "auto" => EncoderBatching.Auto,
+        "on" => EncoderBatching.On,
+        "off" => EncoderBatching.Off,
+        _ => throw new UsageException($"--encoder-batching: '{value}' is not auto, on or off"),
+    };
+
     /// <summary>
     /// The mesh's work in this process: embeddings cached by image content (as the gateway caches them), then the
     /// T5 encoder and a shared <see cref="ContinuousBatcher"/> whose steps every concurrent request joins, with the
@@ -345,15 +356,20 @@ internal static partial class BenchCommand
     {
         private readonly Blip2Pipeline _pipeline;
         private readonly ContinuousBatcher _batcher;
+        private readonly PromptEncoder _encoder;
         private readonly ConcurrentDictionary<string, Lazy<Task<FloatTensor>>> _embeddings = new(StringComparer.Ordinal);
 
-        public InProcessTarget(string model, ExecutionOptions execution)
+        public InProcessTarget(string model, ExecutionOptions execution, EncoderBatching encoderBatching)
         {
             _pipeline = Blip2Pipeline.Load(model, execution);
             // As the services do before reporting SERVING: no run measures building a session.
             _pipeline.Model.Warm(vision: true, qformer: true, decoder: true);
             _batcher = new ContinuousBatcher(_pipeline.Generator);
+            _encoder = new PromptEncoder(_pipeline.Generator, encoderBatching, _batcher.Options.MaxEncoderBatch, execution.Device);
+            Console.Error.WriteLine(_encoder.Decision);
         }
+
+        public string EncoderBatchingDecision => _encoder.Decision;
 
         public string Mode => "in-process";
 
@@ -363,7 +379,7 @@ internal static partial class BenchCommand
             var queries = await Cached(image);
             var decoderStart = Stopwatch.GetTimestamp();
             var promptIds = _pipeline.Tokenizer.Encode(prompt);
-            var state = await Task.Run(() => _pipeline.Generator.Start(queries, promptIds, options));
+            var state = await Task.Run(() => _encoder.StartAsync(queries, promptIds, options, CancellationToken.None));
             var text = _pipeline.Tokenizer.CreateStreamingDecoder();
             double? ttft = null;
             var tokens = 0;

@@ -11,6 +11,7 @@ const string ServiceOptions = """
     vision, qformer: [--max-batch N (8)] [--max-batch-delay-ms M (0)]
     decoder: [--max-batch-rows N (64)] [--kv-cache-mb N (1024)] [--max-queued N (1024)]
              [--short-answer-tokens N (32)] [--long-answer-share X (0.75)]
+             [--encoder-batching auto|on|off (auto: measured at start-up, on with CUDA)] [--max-encoder-batch N (8)]
     gateway: --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...] [--redis HOST:PORT]
              [--api-keys-file FILE] [--cache-mb N (256)] [--max-image-mb N (20)] [--max-image-work-mb N (448)] [--tls-ca FILE]
     gateway and decoder (give both the same): [--max-new-tokens-limit N (512)] [--max-beams-limit N (8)]
@@ -64,6 +65,7 @@ Command[] commands =
         usage: blip2mesh bench --model DIR (--in-process | --mesh | --addr HOST:PORT [--pids NAME=PID,...]) [--concurrency 1,4,16]
                                [--requests N] [--max-new-tokens N] [--min-new-tokens N] [--prompt TEXT]
                                [--images DIR | --unique-images] [--device cpu|cuda] [--threads N] [--decoder-replicas N] [--out report.json]
+                               [--encoder-batching auto|on|off] (in-process; the mesh's decoders take it from serve)
         """, BenchCommand.Run),
 ];
 

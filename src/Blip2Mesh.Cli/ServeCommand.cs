@@ -97,12 +97,15 @@ internal static class ServeCommand
             MaxQueued = args.Int("max-queued") ?? defaults.MaxQueued,
             ShortAnswerTokens = args.Int("short-answer-tokens") ?? defaults.ShortAnswerTokens,
             LongAnswerShare = args.Float("long-answer-share") ?? defaults.LongAnswerShare,
+            EncoderBatching = BenchCommand.ParseEncoderBatching(args.Optional("encoder-batching")),
+            MaxEncoderBatch = args.Int("max-encoder-batch") ?? defaults.MaxEncoderBatch,
         };
         var limits = Limits(args);
         if (batching.MaxRows < 1) throw new UsageException("--max-batch-rows must be at least 1");
         if (batching.KvBudgetBytes < 1) throw new UsageException("--kv-cache-mb must be positive");
         if (batching.MaxQueued < 0) throw new UsageException("--max-queued must not be negative");
         if (batching.LongAnswerShare is <= 0 or > 1) throw new UsageException("--long-answer-share must be in (0, 1]");
+        if (batching.MaxEncoderBatch < 1) throw new UsageException("--max-encoder-batch must be at least 1");
         return () => StageHosts.Decoder(options, batching, limits);
     }
 

@@ -1,3 +1,4 @@
+using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.Decoder;
 using Blip2Mesh.Gateway;
 using Blip2Mesh.Model.Generation;

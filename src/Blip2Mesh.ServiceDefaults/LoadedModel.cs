@@ -9,11 +9,11 @@ public static class LoadedModelRegistration
 {
     /// <summary>
     /// Registers <see cref="LoadedModel{T}"/>: <paramref name="load"/> runs in the background once the host has started,
-    /// given the host's <see cref="ServiceOptions"/> (model folder, execution device).
+    /// given the host's <see cref="ServiceOptions"/> (model folder, execution device) and a logger for what loading decides.
     /// </summary>
-    public static IServiceCollection AddLoadedModel<T>(this IServiceCollection services, Func<ServiceOptions, T> load) where T : class
+    public static IServiceCollection AddLoadedModel<T>(this IServiceCollection services, Func<ServiceOptions, ILogger, T> load) where T : class
     {
-        services.AddSingleton<Func<T>>(sp => () => load(sp.GetRequiredService<ServiceOptions>()));
+        services.AddSingleton<Func<T>>(sp => () => load(sp.GetRequiredService<ServiceOptions>(), sp.GetRequiredService<ILogger<LoadedModel<T>>>()));
         services.AddSingleton<LoadedModel<T>>();
         services.AddHostedService(sp => sp.GetRequiredService<LoadedModel<T>>());
         return services;

@@ -80,6 +80,41 @@ public sealed class BatchingTests
     }
 
     [Fact]
+    public void RequestsEncodedInOneRunDecodeExactlyAsAlone()
+    {
+        (int Image, string Prompt, GenerationOptions Options)[] requests =
+        [
+            (0, "a photo of", new GenerationOptions { MaxNewTokens = 12, MinNewTokens = 12 }),
+            (3, "", new GenerationOptions { NumBeams = 4 }),
+            (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
+            (2, "Question: how many? Answer:", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
+        ];
+        var states = Pipeline.Generator.StartBatch(requests.Select(r => (Queries(r.Image), (IReadOnlyList<int>)Pipeline.Tokenizer.Encode(r.Prompt), r.Options)).ToList());
+        // Stepped together, as the decoder's batch would, from the one shared encoder output.
+        _ = Pipeline.Generator.RunBatch(states).ToList();
+        for (var k = 0; k < requests.Length; k++)
+            Assert.Equal(Alone(requests[k].Image, requests[k].Prompt, requests[k].Options), states[k].Results[0].Ids);
+    }
+
+    [Fact]
+    public async Task APromptEncoderThatBatchesEncodesWhatArrivesTogetherInOneRunAndGivesTheSameAnswers()
+    {
+        var encoder = new PromptEncoder(Pipeline.Generator, EncoderBatching.On, maxBatch: 8, ExecutionDevice.Cpu);
+        Assert.True(encoder.Batches);
+        var prompts = new[] { "", "a photo of", "Question: what is in the picture? Answer:", "Question: how many? Answer:" };
+        var options = new GenerationOptions { MaxNewTokens = 10 };
+        var states = await Task.WhenAll(prompts.Select((p, i) => Task.Run(() => encoder.StartAsync(Queries(i), Pipeline.Tokenizer.Encode(p), options, CancellationToken.None))));
+        foreach (var (state, k) in states.Select((s, k) => (s, k)))
+        {
+            _ = Pipeline.Generator.Run(state).ToList();
+            Assert.Equal(Alone(k, prompts[k], options), state.Results[0].Ids);
+        }
+        var off = new PromptEncoder(Pipeline.Generator, EncoderBatching.Auto, maxBatch: 8, ExecutionDevice.Cpu);
+        Assert.False(double.IsNaN(off.MeasuredShareOfSingles));
+        Assert.Contains("T5 encoder batching", off.Decision);
+    }
+
+    [Fact]
     public void CachesOfSeparateBatchesMergeAndShrinkWithoutChangingAnyResult()
     {
         var generator = Pipeline.Generator;

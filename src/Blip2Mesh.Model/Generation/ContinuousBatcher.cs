@@ -21,6 +21,10 @@ public sealed record ContinuousBatchingOptions
     /// back for as long as theirs take.
     /// </summary>
     public double LongAnswerShare { get; init; } = 0.75;
+    /// <summary>Whether the T5 encoder runs requests arriving together as one batch (<see cref="PromptEncoder"/>).</summary>
+    public EncoderBatching EncoderBatching { get; init; } = EncoderBatching.Auto;
+    /// <summary>Most requests encoded in one T5 encoder run.</summary>
+    public int MaxEncoderBatch { get; init; } = 8;
 
     public ContinuousBatchingOptions Validate()
     {
@@ -28,6 +32,7 @@ public sealed record ContinuousBatchingOptions
         if (KvBudgetBytes < 1) throw new ArgumentOutOfRangeException(nameof(KvBudgetBytes), "the KV budget must be positive");
         if (MaxQueued < 0) throw new ArgumentOutOfRangeException(nameof(MaxQueued), "the queue bound must not be negative");
         if (LongAnswerShare is <= 0 or > 1) throw new ArgumentOutOfRangeException(nameof(LongAnswerShare), "the long-answer share must be in (0, 1]");
+        if (MaxEncoderBatch < 1) throw new ArgumentOutOfRangeException(nameof(MaxEncoderBatch), "an encoder batch holds at least one request");
         return this;
     }
 }

@@ -26,9 +26,10 @@ public sealed class DecodingState : IDisposable
 
     private sealed record Hypothesis(double Score, List<int> Ids, bool EndedWithEos);
 
-    public DecodingState(Blip2Config config, EncoderOutput encoder, GenerationOptions options)
+    /// <param name="row">This request's row of <paramref name="encoder"/> (requests encoded in one run share its output).</param>
+    public DecodingState(Blip2Config config, EncoderOutput encoder, GenerationOptions options, int row = 0)
     {
-        if (encoder.Batch != 1) throw new ArgumentException("a decoding state is built from one encoder row");
+        if (row < 0 || row >= encoder.Batch) throw new ArgumentOutOfRangeException(nameof(row), $"the encoder output has {encoder.Batch} rows");
         _text = config.Text;
         _options = options.Validate();
         _random = options.Seed is { } seed ? new Random(unchecked((int)seed ^ (int)(seed >> 32))) : Random.Shared;
@@ -38,10 +39,12 @@ public sealed class DecodingState : IDisposable
         // HF starts every beam but the first at -1e9 so the first step expands one beam only.
         _beamScores = Enumerable.Range(0, rows).Select(i => i == 0 ? 0f : -1e9f).ToArray();
 
-        // Every beam reads the one encoder row.
-        Cross = new CacheRows(encoder.Cross, new int[rows]);
+        // Every beam reads the request's one encoder row.
+        Cross = new CacheRows(encoder.Cross, Enumerable.Repeat(row, rows).ToArray());
         encoder.Cross.Hold();
-        EncoderMask = Enumerable.Repeat(encoder.AttentionMask, rows).SelectMany(m => m).ToArray();
+        var sequence = encoder.AttentionMask.Length / encoder.Batch;
+        var mask = encoder.AttentionMask.AsSpan(row * sequence, sequence).ToArray();
+        EncoderMask = Enumerable.Repeat(mask, rows).SelectMany(m => m).ToArray();
     }
 
     public int Rows => _rows.Length;

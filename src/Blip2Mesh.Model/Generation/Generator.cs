@@ -19,6 +19,22 @@ public sealed class Generator(Blip2Model model)
         return new DecodingState(model.Config, model.Encode(queryEmbeds, [promptIds]), options);
     }
 
+    /// <summary>
+    /// Encodes several requests in one T5 encoder run (prompts padded, each row masked to its own tokens) and prepares
+    /// each one's decoding state: the same states, step for step, as <see cref="Start"/> gives each alone.
+    /// </summary>
+    public IReadOnlyList<DecodingState> StartBatch(IReadOnlyList<(FloatTensor QueryEmbeds, IReadOnlyList<int> PromptIds, GenerationOptions Options)> requests)
+    {
+        foreach (var request in requests)
+        {
+            request.Options.Validate();
+            if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt must hold at least the end-of-sequence token");
+        }
+        if (requests.Count == 1) return [Start(requests[0].QueryEmbeds, requests[0].PromptIds, requests[0].Options)];
+        var encoded = model.Encode(FloatTensor.Stack(requests.Select(r => r.QueryEmbeds).ToList()), requests.Select(r => r.PromptIds).ToList());
+        return requests.Select((r, row) => new DecodingState(model.Config, encoded, r.Options, row)).ToList();
+    }
+
     /// <summary>Advances one request by one decoder step; returns the tokens that became final.</summary>
     public IReadOnlyList<int> Step(DecodingState state) => Step([state])[0];
 

@@ -1,6 +1,6 @@
 using System.Collections.Concurrent;
 
-namespace Blip2Mesh.ServiceDefaults;
+namespace Blip2Mesh.Model.Runtime;
 
 /// <summary>
 /// Dynamic batching for the encoder stages: requests that arrive while the model is busy (or within the optional

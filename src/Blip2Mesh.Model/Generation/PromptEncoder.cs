@@ -1,0 +1,97 @@
+using System.Diagnostics;
+using Blip2Mesh.Model.Runtime;
+
+namespace Blip2Mesh.Model.Generation;
+
+/// <summary>Whether the T5 encoder runs the requests that arrive together as one batch.</summary>
+public enum EncoderBatching
+{
+    /// <summary>Batch where it was measured to pay: on CUDA, or where a batch's rows cost clearly less than as many runs.</summary>
+    Auto,
+    On,
+    Off,
+}
+
+/// <summary>
+/// Starts requests' decoding with the T5 encoder. Where batching pays (the run is dominated by reading the encoder's
+/// weights, which a batch reads once: real-size models, GPUs), requests that arrive while a run is busy are encoded in
+/// one run; elsewhere (a tiny model is all compute, and concurrent runs use the cores in parallel) each runs alone on
+/// its caller's thread, as before. Either way the encoder never runs on the decoder's batch loop, so new requests do
+/// not stall the running batch, and the states are the same as encoding each alone.
+/// </summary>
+public sealed class PromptEncoder
+{
+    /// <summary>Batching is chosen when a batch of <see cref="ProbeRows"/> costs at most this share of as many single runs.</summary>
+    public const double PaysBelow = 0.8;
+    private const int ProbeRows = 4;
+
+    private readonly Generator _generator;
+    private readonly DynamicBatcher<(FloatTensor Queries, IReadOnlyList<int> PromptIds, GenerationOptions Options), DecodingState>? _batcher;
+
+    /// <param name="maxBatch">Most requests encoded in one run.</param>
+    public PromptEncoder(Generator generator, EncoderBatching mode, int maxBatch, ExecutionDevice device)
+    {
+        _generator = generator;
+        var batch = mode switch
+        {
+            EncoderBatching.On => true,
+            EncoderBatching.Off => false,
+            _ when device == ExecutionDevice.Cuda => true,
+            _ => MeasuredShare() <= PaysBelow,
+        };
+        Decision = mode == EncoderBatching.Auto && device != ExecutionDevice.Cuda
+            ? $"T5 encoder batching {(batch ? "on" : "off")}: {ProbeRows} rows in one run cost {MeasuredShareOfSingles:P0} of {ProbeRows} single runs (on below {PaysBelow:P0})"
+            : $"T5 encoder batching {(batch ? "on" : "off")} ({(mode == EncoderBatching.Auto ? "always on CUDA" : "as configured")})";
+        if (batch && maxBatch > 1)
+            _batcher = new DynamicBatcher<(FloatTensor, IReadOnlyList<int>, GenerationOptions), DecodingState>(_generator.StartBatch, maxBatch, TimeSpan.Zero);
+    }
+
+    /// <summary>What was decided and why, for the start-up log.</summary>
+    public string Decision { get; }
+    public bool Batches => _batcher is not null;
+    /// <summary>The measured cost of a batch of <see cref="ProbeRows"/> against as many single runs (NaN when not measured).</summary>
+    public double MeasuredShareOfSingles { get; private set; } = double.NaN;
+
+    /// <summary>The request's decoding state, its prompt encoded alone or with the requests that arrived with it.</summary>
+    public async Task<DecodingState> StartAsync(FloatTensor queries, IReadOnlyList<int> promptIds, GenerationOptions options, CancellationToken cancellation)
+    {
+        if (_batcher is null) return _generator.Start(queries, promptIds, options);
+        // The batch runs whether or not this caller still waits: a state nobody takes lets go of its cache.
+        var started = _batcher.RunAsync((queries, promptIds, options), CancellationToken.None);
+        try
+        {
+            return await started.WaitAsync(cancellation);
+        }
+        catch (OperationCanceledException)
+        {
+            _ = started.ContinueWith(t => t.Result.Dispose(), CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
+            throw;
+        }
+    }
+
+    /// <summary>Times one encoder run of <see cref="ProbeRows"/> prompts against single runs (best of a few each, after a warm run).</summary>
+    private double MeasuredShare()
+    {
+        var model = _generator.Model;
+        var config = model.Config;
+        var queries = FloatTensor.Zeros(1, config.NumQueryTokens, config.Text.DModel);
+        IReadOnlyList<int> prompt = Enumerable.Repeat(config.Text.EosTokenId, 16).ToArray();
+        double Best(int rows, int runs)
+        {
+            var batch = FloatTensor.Stack(Enumerable.Repeat(queries, rows).ToList());
+            var prompts = Enumerable.Repeat(prompt, rows).ToList();
+            var best = double.MaxValue;
+            for (var i = 0; i < runs; i++)
+            {
+                var clock = Stopwatch.StartNew();
+                model.Encode(batch, prompts).Cross.Dispose();
+                best = Math.Min(best, clock.Elapsed.TotalMilliseconds);
+            }
+            return best;
+        }
+        Best(ProbeRows, 1);
+        var single = Best(1, 3);
+        MeasuredShareOfSingles = Best(ProbeRows, 2) / (ProbeRows * single);
+        return MeasuredShareOfSingles;
+    }
+}
