@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Onnx.Proto;
+using Blip2Mesh.Model.Quantization;
 using Google.Protobuf;
 
 namespace Blip2Mesh.Model.Onnx;
@@ -31,19 +32,62 @@ public sealed class OnnxGraphBuilder
     private const int Opset = 17;
 
     private readonly IWeightSource _weightSource;
+    private readonly BlockQuantization? _linears;
     private readonly GraphProto _graph;
     private readonly Dictionary<string, string> _weights = new(StringComparer.Ordinal);
     private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
     private readonly HashSet<string> _nodeNames = new(StringComparer.Ordinal);
 
     /// <param name="weights">A checkpoint, or anything else that can say where each weight lives (see <see cref="IWeightSource"/>).</param>
-    public OnnxGraphBuilder(IWeightSource weights, string graphName)
+    /// <param name="linears">How this graph's Linear weights are stored: null keeps them exact; otherwise
+    /// <paramref name="weights"/> must be able to quantize them (an <see cref="IQuantizedWeightSource"/>).</param>
+    public OnnxGraphBuilder(IWeightSource weights, string graphName, BlockQuantization? linears = null)
     {
+        if (linears is not null && weights is not IQuantizedWeightSource)
+            throw new ArgumentException("quantized Linear weights need a weight source that can quantize them", nameof(weights));
         _weightSource = weights;
+        _linears = linears;
         _graph = new GraphProto { Name = graphName };
     }
 
     public Blip2Config Config => _weightSource.Config;
+
+    /// <summary>
+    /// x · Wᵀ for the Linear weight <paramref name="hfName"/> ([out, in], HF's layout): FusedMatMul(transB) on the
+    /// exact weight, or, when this graph's Linears are quantized, com.microsoft MatMulNBits on its block-quantized
+    /// form (float32 compute on the dequantized weights: accuracy_level 0).
+    /// </summary>
+    public string MatMulTransposed(string name, string x, string hfName, long outFeatures, long inFeatures)
+    {
+        if (_linears is null)
+            return MsOp("FusedMatMul", $"{name}/MatMul", [x, Weight(hfName, outFeatures, inFeatures)], Attr.Int("transB", 1));
+        var (packed, scales) = QuantizedWeight(hfName, outFeatures, inFeatures, _linears);
+        return MsOp("MatMulNBits", $"{name}/MatMulNBits", [x, packed, scales],
+            Attr.Int("K", inFeatures), Attr.Int("N", outFeatures), Attr.Int("bits", _linears.Bits), Attr.Int("block_size", _linears.BlockSize));
+    }
+
+    private (string Packed, string Scales) QuantizedWeight(string hfName, long outFeatures, long inFeatures, BlockQuantization q)
+    {
+        var packedName = $"{hfName}.{q.Name}_packed";
+        var scalesName = $"{hfName}.{q.Name}_scales";
+        if (_weights.ContainsKey(packedName)) return (packedName, scalesName);
+        var weight = ((IQuantizedWeightSource)_weightSource).DescribeQuantized(hfName, outFeatures, inFeatures, q);
+        AddExternal(packedName, TensorProto.Types.DataType.Uint8, [outFeatures, weight.BlockCount, q.BlobBytes], weight.Location, 0, weight.PackedLength);
+        AddExternal(scalesName, TensorProto.Types.DataType.Float, [outFeatures * weight.BlockCount], weight.Location, weight.ScalesOffset, weight.ScalesLength);
+        _weights[packedName] = packedName;
+        _weights[scalesName] = scalesName;
+        return (packedName, scalesName);
+    }
+
+    private void AddExternal(string name, TensorProto.Types.DataType type, long[] dims, string location, long offset, long length)
+    {
+        var tensor = new TensorProto { Name = name, DataType = (int)type, DataLocation = TensorProto.Types.DataLocation.External };
+        tensor.Dims.AddRange(dims);
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = location });
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = offset.ToString() });
+        tensor.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = length.ToString() });
+        _graph.Initializer.Add(tensor);
+    }
 
     /// <summary>Declares a graph input; a dimension is a long (fixed) or a string (symbolic).</summary>
     public string Input(string name, TensorProto.Types.DataType type, params object[] dims)
@@ -93,17 +137,7 @@ public sealed class OnnxGraphBuilder
     {
         if (_weights.TryGetValue(hfName, out var existing)) return existing;
         var weight = _weightSource.Describe(hfName, shape);
-        var tensor = new TensorProto
-        {
-            Name = hfName,
-            DataType = (int)ToOnnx(weight.DType),
-            DataLocation = TensorProto.Types.DataLocation.External,
-        };
-        tensor.Dims.AddRange(weight.Shape);
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = weight.Location });
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = weight.Offset.ToString() });
-        tensor.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = weight.Length.ToString() });
-        _graph.Initializer.Add(tensor);
+        AddExternal(hfName, ToOnnx(weight.DType), weight.Shape, weight.Location, weight.Offset, weight.Length);
         var value = weight.DType == TensorDType.Float32
             ? hfName
             : Op("Cast", $"/weights/{hfName}/Cast", [hfName], Attr.Int("to", (long)TensorProto.Types.DataType.Float));
