@@ -1,0 +1,170 @@
+using Blip2Mesh.Model.Checkpoint;
+using Blip2Mesh.Model.Onnx;
+using Blip2Mesh.Model.Pipeline;
+using Blip2Mesh.Model.Quantization;
+using Blip2Mesh.Model.Runtime;
+using Xunit.Abstractions;
+using DataType = Blip2Mesh.Model.Onnx.Proto.TensorProto.Types.DataType;
+
+namespace Blip2Mesh.Tests;
+
+/// <summary>A fresh quantized-weight cache folder per test class, removed afterwards.</summary>
+public sealed class TemporaryCache : IDisposable
+{
+    public string Root { get; } = Path.Combine(Path.GetTempPath(), $"blip2mesh-qcache-{Guid.NewGuid():N}");
+    public void Dispose() { if (Directory.Exists(Root)) Directory.Delete(Root, recursive: true); }
+}
+
+public sealed class WeightSchemeTests
+{
+    [Fact]
+    public void ParsesWholeModelAndPerStageSchemes()
+    {
+        Assert.True(WeightScheme.Parse("auto").IsExact);
+        Assert.Equal("auto (exact)", WeightScheme.Parse("auto").Label);
+        var int8 = WeightScheme.Parse("int8");
+        Assert.Equal("int8 (approximate)", int8.Label);
+        Assert.All(Enum.GetValues<WeightStage>(), s => Assert.Equal(BlockQuantization.Int8, int8.For(s)));
+        var mixed = WeightScheme.Parse("vision=int8,decoder=int4");
+        Assert.Equal(BlockQuantization.Int8, mixed.For(WeightStage.Vision));
+        Assert.Null(mixed.For(WeightStage.QFormer));
+        Assert.Equal(BlockQuantization.Int4, mixed.For(WeightStage.Decoder));
+        Assert.Equal("vision=int8,qformer=exact,encoder=exact,decoder=int4 (approximate)", mixed.Label);
+        Assert.Equal(WeightScheme.Parse("int4"), WeightScheme.Parse("vision=int4,qformer=int4,encoder=int4,decoder=int4"));
+    }
+
+    [Theory]
+    [InlineData("int3")]
+    [InlineData("decoder=int5")]
+    [InlineData("lm=int8")]
+    public void RejectsUnknownSchemesWithASentence(string value)
+    {
+        var e = Assert.Throws<ArgumentException>(() => WeightScheme.Parse(value));
+        Assert.Contains($"'", e.Message);
+        Assert.DoesNotContain("Exception", e.Message);
+    }
+}
+
+/// <summary>
+/// Quantized Linears against float32 with bounds derived from the scheme. Each weight moves by at most s/2, s the
+/// scale of its block (max |w| / (2^(bits−1) − 1)), so an output element of x·Wᵀ moves by at most
+/// Σ_blocks s_b/2 · Σ_{k in b} |x_k|, plus float32 rounding of the exact sum.
+/// </summary>
+public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
+{
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    public static TheoryData<string, int> Linears() => new()
+    {
+        { "vision_model.encoder.layers.0.self_attn.qkv.weight", 8 }, { "vision_model.encoder.layers.0.self_attn.qkv.weight", 4 },
+        { "vision_model.encoder.layers.0.mlp.fc2.weight", 8 }, { "vision_model.encoder.layers.0.mlp.fc2.weight", 4 },
+        { "qformer.encoder.layer.0.crossattention.attention.key.weight", 4 },
+        { "language_projection.weight", 8 },
+        { "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight", 4 },
+        { "language_model.lm_head.weight", 4 },
+        { "language_model.lm_head.weight", 8 },
+        { "language_model.decoder.block.0.layer.0.SelfAttention.q.weight", 8 },
+        { "language_model.decoder.block.0.layer.2.DenseReluDense.wo.weight", 8 },
+    };
+
+    [Theory]
+    [MemberData(nameof(Linears))]
+    public void EveryOutputStaysWithinTheBlockErrorBound(string weightName, int bits)
+    {
+        using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
+        var q = new BlockQuantization(bits, BlockQuantization.DefaultBlockSize);
+        var entry = checkpoint.Weights[weightName].Entry;
+        int n = (int)entry.Shape[0], k = (int)entry.Shape[1], rows = 1;
+        var w = checkpoint.Weights[weightName].File.ReadFloat32(entry);
+
+        var source = new QuantizedWeightSource(checkpoint, _cache.Root);
+        var g = new OnnxGraphBuilder(source, "linear", q);
+        var x = g.Input("x", DataType.Float, rows, k);
+        g.Output(g.MatMulTransposed("/linear", x, weightName, n, k), "y", DataType.Float, rows, n);
+        using var session = new StageSession("linear", g.Build(), checkpoint, source.ExternalDataFolder, new ExecutionOptions());
+
+        var random = new Random(bits * 1000 + k);
+        var input = Enumerable.Range(0, rows * k).Select(_ => (float)(random.NextDouble() * 4 - 2)).ToArray();
+        using var value = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(input, [rows, k]);
+        using var outputs = session.Run(new Dictionary<string, Microsoft.ML.OnnxRuntime.OrtValue> { ["x"] = value });
+        var actual = outputs[0].GetTensorDataAsSpan<float>().ToArray();
+
+        var worstShare = 0.0;
+        for (var r = 0; r < rows; r++)
+        {
+            for (var o = 0; o < n; o++)
+            {
+                double exact = 0, magnitude = 0, bound = 0, dequantized = 0;
+                for (var b = 0; b * q.BlockSize < k; b++)
+                {
+                    var block = Enumerable.Range(b * q.BlockSize, Math.Min(q.BlockSize, k - b * q.BlockSize)).ToList();
+                    var scale = block.Max(i => Math.Abs(w[o * k + i])) / q.MaxLevel;
+                    bound += scale / 2 * block.Sum(i => Math.Abs(input[r * k + i]));
+                    if (scale > 0)
+                        dequantized += block.Sum(i => input[r * k + i] * Math.Round(w[o * k + i] / scale, MidpointRounding.AwayFromZero) * scale);
+                }
+                for (var i = 0; i < k; i++)
+                {
+                    exact += (double)input[r * k + i] * w[o * k + i];
+                    magnitude += Math.Abs((double)input[r * k + i] * w[o * k + i]);
+                }
+                // float32 accumulation of k products, and of the scales' own rounding.
+                var limit = bound * (1 + 1e-5) + magnitude * k * 6e-8;
+                var error = Math.Abs(actual[r * n + o] - exact);
+                Assert.True(error <= limit, $"{weightName} int{bits} row {r} output {o}: |error| {error} exceeds the bound {limit}");
+                // And it is the product with the dequantized weights (float32 compute, activations not quantized).
+                Assert.True(Math.Abs(actual[r * n + o] - dequantized) <= magnitude * k * 6e-8 + bound * 1e-5,
+                    $"{weightName} int{bits} row {r} output {o}: {actual[r * n + o]} is not x·dequantized(W)ᵀ = {dequantized}");
+                if (limit > 0) worstShare = Math.Max(worstShare, error / limit);
+            }
+        }
+        output.WriteLine($"{weightName} int{bits}: worst error is {worstShare:P1} of its bound");
+    }
+}
+
+/// <summary>
+/// Accuracy measured on the demo model's dev set (100 images, 6 prompts each, HF float32 greedy answers): int8
+/// answers equal float32's on at least 97% of cases, int4 on at least 90%. Task accuracy (answers equal to the
+/// scene's ground truth) is reported beside float32's.
+/// </summary>
+public sealed class QuantizedDemoAccuracyTests(ITestOutputHelper output) : IDisposable
+{
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    [Theory]
+    [InlineData("int8", 0.97)]
+    [InlineData("int4", 0.90)]
+    [InlineData("vision=int8", 2)]
+    [InlineData("qformer=int8", 2)]
+    [InlineData("encoder=int8", 2)]
+    [InlineData("decoder=int8", 2)]
+    public void DevSetAnswersAgreeWithFloat32(string scheme, double requiredAgreement)
+    {
+        using var pipeline = Blip2Pipeline.Load(Fixtures.Demo, new ExecutionOptions { Weights = WeightScheme.Parse(scheme), WeightCache = _cache.Root });
+        int cases = 0, agree = 0, tasks = 0, correct = 0, referenceCorrect = 0;
+        var disagreements = new List<string>();
+        foreach (var (file, results) in DemoReferences.Sets["dev"])
+        {
+            var queries = pipeline.EmbedImage(File.ReadAllBytes(results[0].Image));
+            foreach (var expected in results)
+            {
+                var text = pipeline.Generate(queries, expected.Prompt, DemoReferences.Options).Last().Final!.Text.Trim();
+                cases++;
+                if (text == expected.OutputText) agree++;
+                else disagreements.Add($"{expected}: float32 '{expected.OutputText}', {scheme} '{text}'");
+                if (expected.Target is null) continue;
+                tasks++;
+                if (text == expected.Target) correct++;
+                if (expected.OutputText == expected.Target) referenceCorrect++;
+            }
+        }
+        var agreement = (double)agree / cases;
+        output.WriteLine($"{scheme}: {agree}/{cases} = {agreement:P1} answers equal float32's; task accuracy {correct}/{tasks} = {(double)correct / tasks:P1} (float32 {referenceCorrect}/{tasks} = {(double)referenceCorrect / tasks:P1})");
+        foreach (var line in disagreements.Take(20)) output.WriteLine(line);
+        Assert.True(agreement >= requiredAgreement, $"{scheme}: {agreement:P1} of answers equal float32's, below {requiredAgreement:P0}");
+    }
+}
