@@ -80,7 +80,7 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
         var w = checkpoint.Weights[weightName].File.ReadFloat32(entry);
 
         var source = new QuantizedWeightSource(checkpoint, _cache.Root);
-        var g = new OnnxGraphBuilder(source, "linear", q);
+        var g = new OnnxGraphBuilder(source, "linear", _ => q);
         var x = g.Input("x", DataType.Float, rows, k);
         g.Output(g.MatMulTransposed("/linear", x, weightName, n, k), "y", DataType.Float, rows, n);
         using var session = new StageSession("linear", g.Build(), checkpoint, source.ExternalDataFolder, new ExecutionOptions());
@@ -138,10 +138,6 @@ public sealed class QuantizedDemoAccuracyTests(ITestOutputHelper output) : IDisp
     [Theory]
     [InlineData("int8", 0.97)]
     [InlineData("int4", 0.90)]
-    [InlineData("vision=int8", 2)]
-    [InlineData("qformer=int8", 2)]
-    [InlineData("encoder=int8", 2)]
-    [InlineData("decoder=int8", 2)]
     public void DevSetAnswersAgreeWithFloat32(string scheme, double requiredAgreement)
     {
         using var pipeline = Blip2Pipeline.Load(Fixtures.Demo, new ExecutionOptions { Weights = WeightScheme.Parse(scheme), WeightCache = _cache.Root });

@@ -32,16 +32,16 @@ public sealed class OnnxGraphBuilder
     private const int Opset = 17;
 
     private readonly IWeightSource _weightSource;
-    private readonly BlockQuantization? _linears;
+    private readonly Func<string, BlockQuantization?>? _linears;
     private readonly GraphProto _graph;
     private readonly Dictionary<string, string> _weights = new(StringComparer.Ordinal);
     private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
     private readonly HashSet<string> _nodeNames = new(StringComparer.Ordinal);
 
     /// <param name="weights">A checkpoint, or anything else that can say where each weight lives (see <see cref="IWeightSource"/>).</param>
-    /// <param name="linears">How this graph's Linear weights are stored: null keeps them exact; otherwise
-    /// <paramref name="weights"/> must be able to quantize them (an <see cref="IQuantizedWeightSource"/>).</param>
-    public OnnxGraphBuilder(IWeightSource weights, string graphName, BlockQuantization? linears = null)
+    /// <param name="linears">How each Linear weight (by HF name) is stored, null meaning exact; without it every
+    /// Linear is exact. When given, <paramref name="weights"/> must be able to quantize (an <see cref="IQuantizedWeightSource"/>).</param>
+    public OnnxGraphBuilder(IWeightSource weights, string graphName, Func<string, BlockQuantization?>? linears = null)
     {
         if (linears is not null && weights is not IQuantizedWeightSource)
             throw new ArgumentException("quantized Linear weights need a weight source that can quantize them", nameof(weights));
@@ -59,11 +59,11 @@ public sealed class OnnxGraphBuilder
     /// </summary>
     public string MatMulTransposed(string name, string x, string hfName, long outFeatures, long inFeatures)
     {
-        if (_linears is null)
+        if (_linears?.Invoke(hfName) is not { } quantization)
             return MsOp("FusedMatMul", $"{name}/MatMul", [x, Weight(hfName, outFeatures, inFeatures)], Attr.Int("transB", 1));
-        var (packed, scales) = QuantizedWeight(hfName, outFeatures, inFeatures, _linears);
+        var (packed, scales) = QuantizedWeight(hfName, outFeatures, inFeatures, quantization);
         return MsOp("MatMulNBits", $"{name}/MatMulNBits", [x, packed, scales],
-            Attr.Int("K", inFeatures), Attr.Int("N", outFeatures), Attr.Int("bits", _linears.Bits), Attr.Int("block_size", _linears.BlockSize));
+            Attr.Int("K", inFeatures), Attr.Int("N", outFeatures), Attr.Int("bits", quantization.Bits), Attr.Int("block_size", quantization.BlockSize));
     }
 
     private (string Packed, string Scales) QuantizedWeight(string hfName, long outFeatures, long inFeatures, BlockQuantization q)

@@ -29,7 +29,8 @@ public sealed record BlockQuantization(int Bits, int BlockSize)
 /// Which weights of which stage are quantized (<c>--weights</c>): <c>auto</c> runs every stage on the
 /// checkpoint's exact weights (today's path, the default); <c>int8</c> or <c>int4</c> quantizes every Linear of
 /// every stage; <c>vision=int8,decoder=int4,…</c> chooses per stage (stages not named stay exact).
-/// Token embeddings, norms, biases and the patch convolution always stay exact.
+/// Token embeddings, norms, biases and the patch convolution always stay exact, and so do the layers
+/// <see cref="For(WeightStage, string)"/> names as sensitive.
 /// </summary>
 public sealed record WeightScheme
 {
@@ -46,6 +47,19 @@ public sealed record WeightScheme
 
     /// <summary>How the Linear weights of <paramref name="stage"/> are stored; null when exact.</summary>
     public BlockQuantization? For(WeightStage stage) => _stages.GetValueOrDefault(stage);
+
+    /// <summary>
+    /// How the Linear weight <paramref name="weightName"/> of <paramref name="stage"/> is stored; null when exact.
+    /// T5's feed-forward output projections (<c>DenseReluDense.wo</c>) and the lm_head stay exact in every scheme:
+    /// on the demo dev set, int8 elsewhere with them at int8 too kept 81.7% of answers equal to float32's, with them
+    /// exact 98.9% (int4: 67.4% → 92.8%). HF keeps <c>wo</c> in float32 for the same reason.
+    /// </summary>
+    public BlockQuantization? For(WeightStage stage, string weightName) =>
+        IsSensitive(weightName) ? null : For(stage);
+
+    private static bool IsSensitive(string weightName) =>
+        weightName.EndsWith(".DenseReluDense.wo.weight", StringComparison.Ordinal) || weightName == "language_model.lm_head.weight"
+        || (weightName is "language_model.shared.weight" or "language_model.encoder.embed_tokens.weight");
 
     /// <exception cref="ArgumentException">with a sentence for the caller when <paramref name="value"/> is not a scheme.</exception>
     public static WeightScheme Parse(string value)

@@ -88,8 +88,11 @@ public sealed class Blip2Model : IDisposable
 
     /// <param name="stage">Whose Linear weights the graph holds (null: none), so whose quantization applies.</param>
     private Lazy<StageSession> Stage(string name, WeightStage? stage, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
-        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, stage is { } s ? _execution.Weights.For(s) : null)),
+        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage))),
             Checkpoint, _externalDataFolder, _execution));
+
+    private Func<string, BlockQuantization?>? Linears(WeightStage? stage) =>
+        stage is { } s && _execution.Weights.For(s) is not null ? weight => _execution.Weights.For(s, weight) : null;
 
     /// <summary>Builds the sessions of the named stages now rather than on first request.</summary>
     public void Warm(bool vision = false, bool qformer = false, bool decoder = false)
