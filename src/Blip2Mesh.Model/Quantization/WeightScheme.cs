@@ -109,6 +109,10 @@ public sealed record WeightScheme
         }
     }
 
+    /// <summary>The <c>--weights</c> value that parses back to this scheme.</summary>
+    public string Argument => IsExact ? "auto"
+        : string.Join(",", Enum.GetValues<WeightStage>().Where(s => For(s) is not null).Select(s => $"{s.ToString().ToLowerInvariant()}={For(s)!.Name}"));
+
     public override string ToString() => Label;
 
     public bool Equals(WeightScheme? other) =>
