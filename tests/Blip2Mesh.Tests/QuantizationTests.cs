@@ -164,3 +164,101 @@ public sealed class QuantizedDemoAccuracyTests(ITestOutputHelper output) : IDisp
         Assert.True(agreement >= requiredAgreement, $"{scheme}: {agreement:P1} of answers equal float32's, below {requiredAgreement:P0}");
     }
 }
+
+/// <summary>
+/// Each stage of the tiny reference checkpoints with quantized Linears against the same stage with exact weights,
+/// fed the same reference input. The bound is a first-order estimate from the scheme, not a worst case: each
+/// quantized Linear perturbs its output by about ‖ΔW‖_F / ‖W‖_F relative (ΔW the scheme's rounding of the
+/// checkpoint's weights, each entry within s/2 of its block), and to first order these add up along the stage, whose
+/// norms keep the scale of the residual stream, so the output's relative RMS error stays below their sum.
+/// (The worst-case per-output bound is checked exactly, Linear by Linear, in <see cref="QuantizedLinearTests"/>.)
+/// </summary>
+public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDisposable
+{
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    public static TheoryData<string, int> Cases()
+    {
+        var data = new TheoryData<string, int>();
+        foreach (var checkpoint in Fixtures.ReferenceCheckpoints) { data.Add(checkpoint, 8); data.Add(checkpoint, 4); }
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void EveryStageStaysWithinTheFirstOrderBound(string checkpoint, int bits)
+    {
+        var q = new BlockQuantization(bits, BlockQuantization.DefaultBlockSize);
+        var exact = Fixtures.Pipeline(checkpoint).Model;
+        using var quantized = Blip2Model.Load(Fixtures.CheckpointDir(checkpoint), new PixelInput.Rgb8(null, null, null),
+            new ExecutionOptions { Weights = WeightScheme.All(q), WeightCache = _cache.Root });
+        var references = Fixtures.Tensors(checkpoint);
+        var prompt = Fixtures.Prompt(checkpoint, 0, 0);
+        var pixels = Fixtures.ReadTensor(references, "img0/pixel_values");
+        var imageEmbeds = Fixtures.ReadTensor(references, "img0/vision_last_hidden_state");
+        var queries = Fixtures.ReadTensor(references, "img0/language_projection");
+        int[] ids = Fixtures.Ints(prompt.GetProperty("input_ids"));
+
+        // The decoder step runs on the exact encoder's output (its cross-attention keys/values included), so each
+        // stage's error is its own Linears' alone.
+        var encoded = exact.Encode(queries, [ids]);
+        var stages = new (string Name, Func<string, bool> Owns, Func<Blip2Model, FloatTensor> Run)[]
+        {
+            ("vision", n => n.StartsWith("vision_model.", StringComparison.Ordinal), m => m.EmbedPixelValues(pixels)),
+            ("qformer", n => n.StartsWith("qformer.", StringComparison.Ordinal) || n.StartsWith("language_projection.", StringComparison.Ordinal),
+                m => m.RunQFormer(imageEmbeds).QueryEmbeds),
+            ("encoder", n => n.StartsWith("language_model.encoder.", StringComparison.Ordinal), m => m.Encode(queries, [ids]).LastHiddenState),
+            ("decoder", n => n.StartsWith("language_model.decoder.", StringComparison.Ordinal) && !n.Contains(".EncDecAttention.k.") && !n.Contains(".EncDecAttention.v."),
+                m => m.FirstStepLogits(encoded)),
+        };
+        foreach (var (name, owns, run) in stages)
+        {
+            var actual = run(quantized);
+            var expected = run(exact);
+            var relative = Rms(actual.Data.Zip(expected.Data, (a, e) => a - e)) / Rms(expected.Data);
+            var bound = StageWeightError(checkpoint, q, owns);
+            output.WriteLine($"{checkpoint} int{bits} {name}: relative RMS error {relative:E2}, max |diff| {Fixtures.MaxAbsDiff(actual, expected):E2}, first-order bound {bound:E2}");
+            Assert.True(relative <= bound, $"{checkpoint} int{bits} {name}: relative RMS error {relative} exceeds the first-order bound {bound}");
+        }
+    }
+
+    /// <summary>Σ ‖ΔW‖_F / ‖W‖_F over the stage's quantized Linears (those the cache holds).</summary>
+    private double StageWeightError(string checkpoint, BlockQuantization q, Func<string, bool> owns)
+    {
+        using var weights = Blip2Checkpoint.Open(Fixtures.CheckpointDir(checkpoint));
+        var cached = Directory.GetFiles(_cache.Root, "*.bin", SearchOption.AllDirectories)
+            .Where(f => Path.GetFileName(Path.GetDirectoryName(f)) == q.CacheKey)
+            .Select(f => Path.GetFileNameWithoutExtension(f)).ToList();
+        var total = 0.0;
+        foreach (var name in cached.Where(owns))
+        {
+            var entry = weights.Weights[name].Entry;
+            var w = weights.Weights[name].File.ReadFloat32(entry);
+            int k = (int)entry.Shape[1];
+            double error = 0, norm = 0;
+            for (var start = 0; start < w.Length; start += Math.Min(q.BlockSize, k - start % k))
+            {
+                var length = Math.Min(q.BlockSize, k - start % k);
+                var block = w.AsSpan(start, length).ToArray();
+                var scale = block.Max(Math.Abs) / q.MaxLevel;
+                foreach (var v in block)
+                {
+                    var dequantized = scale == 0 ? 0 : Math.Round(v / scale, MidpointRounding.AwayFromZero) * scale;
+                    error += (v - dequantized) * (v - dequantized);
+                    norm += (double)v * v;
+                }
+            }
+            if (norm > 0) total += Math.Sqrt(error / norm);
+        }
+        return total;
+    }
+
+    private static double Rms(IEnumerable<float> values)
+    {
+        double sum = 0; long n = 0;
+        foreach (var v in values) { sum += (double)v * v; n++; }
+        return Math.Sqrt(sum / n);
+    }
+}
