@@ -262,3 +262,66 @@ public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDispos
         return Math.Sqrt(sum / n);
     }
 }
+
+public sealed class QuantizedWeightCacheTests : IDisposable
+{
+    private const string Weight = "language_model.encoder.block.0.layer.0.SelfAttention.q.weight";
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    [Fact]
+    public void QuantizedTensorsAreCachedPerFingerprintAndFormatAndReusedOnTheNextLoad()
+    {
+        using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
+        var shape = checkpoint.Weights[Weight].Entry.Shape;
+        var first = new QuantizedWeightSource(checkpoint, _cache.Root).DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.Int8);
+        var file = Path.Combine(_cache.Root, checkpoint.Fingerprint, BlockQuantization.Int8.CacheKey, Weight + ".bin");
+        Assert.True(File.Exists(file));
+        Assert.Equal(first.PackedLength + first.ScalesLength, new FileInfo(file).Length);
+        var written = File.GetLastWriteTimeUtc(file);
+
+        var source = new QuantizedWeightSource(checkpoint, _cache.Root);
+        var again = source.DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.Int8);
+        Assert.Equal(first, again);
+        Assert.Equal(written, File.GetLastWriteTimeUtc(file));
+        Assert.Equal(Path.GetFullPath(file), Path.GetFullPath(Path.Combine(source.ExternalDataFolder, again.Location)));
+
+        var int4 = source.DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.Int4);
+        Assert.NotEqual(again.Location, int4.Location);
+        Assert.Equal(first.PackedLength / 2, int4.PackedLength);
+        // Exact weights come from the checkpoint, relative to the same folder.
+        var exact = source.Describe("language_model.shared.weight", checkpoint.Weights["language_model.shared.weight"].Entry.Shape);
+        Assert.True(File.Exists(Path.Combine(source.ExternalDataFolder, exact.Location)));
+        Assert.Empty(Directory.GetFiles(_cache.Root, "*.tmp", SearchOption.AllDirectories));
+    }
+
+    [Theory]
+    [InlineData(TensorDType.Float16, 8)]
+    [InlineData(TensorDType.BFloat16, 4)]
+    public void HalfPrecisionWeightsQuantizeAsTheirFloat32Values(TensorDType dtype, int bits)
+    {
+        using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
+        var entry = checkpoint.Weights[Weight].Entry;
+        var wide = checkpoint.Weights[Weight].File.ReadFloat32(entry);
+        var narrow = dtype == TensorDType.Float16
+            ? System.Runtime.InteropServices.MemoryMarshal.AsBytes(wide.Select(v => (Half)v).ToArray().AsSpan()).ToArray()
+            : System.Runtime.InteropServices.MemoryMarshal.AsBytes(wide.Select(v => (ushort)(BitConverter.SingleToInt32Bits(v) >> 16)).ToArray().AsSpan()).ToArray();
+        var widened = dtype == TensorDType.Float16
+            ? wide.Select(v => (float)(Half)v).ToArray()
+            : wide.Select(v => BitConverter.Int32BitsToSingle(BitConverter.SingleToInt32Bits(v) & unchecked((int)0xFFFF0000))).ToArray();
+        var q = new BlockQuantization(bits, BlockQuantization.DefaultBlockSize);
+        int rows = (int)entry.Shape[0], k = (int)entry.Shape[1];
+        (byte[], float[]) Quantize(byte[] bytes, TensorDType type)
+        {
+            var packed = new byte[BlockQuantizer.PackedBytes(rows, k, q)];
+            var scales = new float[rows * q.BlockCount(k)];
+            BlockQuantizer.Quantize(bytes, type, rows, k, q, packed, scales);
+            return (packed, scales);
+        }
+        var (fromNarrow, narrowScales) = Quantize(narrow, dtype);
+        var (fromWide, wideScales) = Quantize(System.Runtime.InteropServices.MemoryMarshal.AsBytes(widened.AsSpan()).ToArray(), TensorDType.Float32);
+        Assert.Equal(fromWide, fromNarrow);
+        Assert.Equal(wideScales, narrowScales);
+    }
+}
