@@ -88,7 +88,7 @@ public sealed class Blip2Model : IDisposable
 
     /// <param name="stage">Whose Linear weights the graph holds (null: none), so whose quantization applies.</param>
     private Lazy<StageSession> Stage(string name, WeightStage? stage, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
-        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage))),
+        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
             Checkpoint, _externalDataFolder, _execution));
 
     private Func<string, BlockQuantization?>? Linears(WeightStage? stage) =>

@@ -1,3 +1,4 @@
+using Blip2Mesh.Model.Onnx;
 using Blip2Mesh.Model.Quantization;
 using Microsoft.ML.OnnxRuntime;
 
@@ -13,6 +14,9 @@ public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.C
 
     /// <summary>Root of the quantized-weight cache; null means <see cref="QuantizedWeightSource.DefaultCacheRoot"/>.</summary>
     public string? WeightCache { get; init; }
+
+    /// <summary>How quantized Linears multiply; int8 activations are what the CPU's fast kernels run.</summary>
+    public MatMulNBitsCompute QuantizedCompute { get; init; } = MatMulNBitsCompute.Int8;
 
     public static ExecutionDevice ParseDevice(string value) => value.ToLowerInvariant() switch
     {
