@@ -8,6 +8,7 @@ using Blip2Mesh.Client;
 using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Pipeline;
+using Blip2Mesh.Model.Quantization;
 using Blip2Mesh.Model.Runtime;
 using SkiaSharp;
 using ApiOptions = Blip2Mesh.Contracts.V1.GenerationOptions;
@@ -49,6 +50,8 @@ internal static partial class BenchCommand
         var uniqueImages = args.Flag("unique-images");
         var threads = args.Int("threads");
         var encoderBatching = ParseEncoderBatching(args.Optional("encoder-batching"));
+        var weights = ModelInputs.Weights(args);
+        var cacheDir = args.Optional("cache-dir");
         args.EnsureAllUsed();
         if ((inProcess ? 1 : 0) + (startMesh ? 1 : 0) + (addr is null ? 0 : 1) != 1)
             throw new UsageException("give exactly one of --in-process, --mesh and --addr HOST:PORT");
@@ -57,7 +60,8 @@ internal static partial class BenchCommand
         if (concurrencies.Count == 0) throw new UsageException("--concurrency needs at least one value");
         if (maxNewTokens < 1) throw new UsageException("--max-new-tokens must be at least 1");
         if (minNewTokens < 0 || minNewTokens > maxNewTokens) throw new UsageException("--min-new-tokens must be from 0 to --max-new-tokens");
-        var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device), IntraOpThreads: threads ?? 0);
+        if (addr is not null && !weights.IsExact) throw new UsageException("--weights goes with --in-process or --mesh (a running mesh was started with its own)");
+        var execution = new ExecutionOptions(ExecutionOptions.ParseDevice(device), IntraOpThreads: threads ?? 0) { Weights = weights, WeightCache = cacheDir };
         ModelFolder.Require(modelArg);
         var model = Path.GetFullPath(modelArg);
 
@@ -66,7 +70,7 @@ internal static partial class BenchCommand
 
         var loadWatch = Stopwatch.StartNew();
         IBenchTarget target = inProcess ? new InProcessTarget(model, execution, encoderBatching)
-            : startMesh ? MeshTarget.StartMesh(model, device, decoderReplicas, threads)
+            : startMesh ? MeshTarget.StartMesh(model, device, decoderReplicas, threads, weights, cacheDir)
             : MeshTarget.Connect(addr!, ParsePids(pids));
         var loadSeconds = loadWatch.Elapsed.TotalSeconds;
         Console.Error.WriteLine($"bench: {target.Mode} target ready in {loadSeconds:F1} s");
@@ -108,6 +112,8 @@ internal static partial class BenchCommand
             ["machine"] = Machine(),
             ["model"] = model,
             ["device"] = device,
+            // Quantized schemes are approximate: their answers may differ from the exact weights'.
+            ["weights"] = addr is null ? weights.Label : "as the mesh at --addr was started",
             ["max_new_tokens"] = maxNewTokens,
             ["min_new_tokens"] = minNewTokens,
             ["prompt"] = prompt,
@@ -122,7 +128,7 @@ internal static partial class BenchCommand
         if (output is not null)
             File.WriteAllText(output, JsonSerializer.Serialize(report, new JsonSerializerOptions(CliJson.Options) { WriteIndented = true }) + "\n");
 
-        PrintTable(runs, rss, imageMs, msPerToken, target.Mode, output);
+        PrintTable(runs, rss, imageMs, msPerToken, target.Mode, (string)report["weights"]!, output);
         var errors = runs.Sum(r => r.Errors);
         if (errors > 0) Console.Error.WriteLine($"bench: {errors} request(s) failed");
         return errors == 0 ? 0 : 1;
@@ -210,7 +216,7 @@ internal static partial class BenchCommand
         };
     }
 
-    private static void PrintTable(List<RunResult> runs, Dictionary<string, double> rss, double? imageMs, double? msPerToken, string mode, string? output)
+    private static void PrintTable(List<RunResult> runs, Dictionary<string, double> rss, double? imageMs, double? msPerToken, string mode, string weights, string? output)
     {
         var o = Console.Out;
         o.WriteLine($"{"mode",-10} {"conc",5} {"reqs",5} {"req/s",8} {"tok/s",8} {"p50 ms",9} {"p95 ms",9} {"p99 ms",9} {"ttft p50",9} {"ttft p95",9}");
@@ -225,6 +231,7 @@ internal static partial class BenchCommand
         if (imageMs is { } ms) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"vision+qformer: {ms:F1} ms/image ({imagePath}, median, uncached)"));
         if (msPerToken is { } t) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"decoder at concurrency 1: {t:F2} ms/token (T5 encoder + decoder steps / generated tokens, median)"));
         o.WriteLine("peak RSS: " + string.Join(", ", rss.Select(kv => string.Create(CultureInfo.InvariantCulture, $"{kv.Key} {kv.Value:F0} MB"))));
+        o.WriteLine($"weights: {weights}");
         if (output is not null) o.WriteLine($"report: {output}");
     }
 
@@ -429,7 +436,7 @@ internal static partial class BenchCommand
         public static MeshTarget Connect(string address, Dictionary<string, int> pids) => new(address, pids, null);
 
         /// <summary>Runs <c>blip2mesh up</c> on free ports, waits for "ready" and finds each service's pid (children of up running "serve").</summary>
-        public static MeshTarget StartMesh(string model, string device, int decoderReplicas, int? threads)
+        public static MeshTarget StartMesh(string model, string device, int decoderReplicas, int? threads, WeightScheme weights, string? cacheDir)
         {
             var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
             start.ArgumentList.Add(typeof(BenchCommand).Assembly.Location);
@@ -438,6 +445,8 @@ internal static partial class BenchCommand
                          "--decoder-replicas", decoderReplicas.ToString(CultureInfo.InvariantCulture)])
                 start.ArgumentList.Add(arg);
             if (threads is { } n) { start.ArgumentList.Add("--threads"); start.ArgumentList.Add(n.ToString(CultureInfo.InvariantCulture)); }
+            if (!weights.IsExact) { start.ArgumentList.Add("--weights"); start.ArgumentList.Add(weights.Argument); }
+            if (cacheDir is not null) { start.ArgumentList.Add("--cache-dir"); start.ArgumentList.Add(Path.GetFullPath(cacheDir)); }
             var up = Process.Start(start) ?? throw new InvalidOperationException("could not start blip2mesh up");
             var log = new System.Text.StringBuilder();
             up.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (log) log.AppendLine(e.Data); };

@@ -10,6 +10,7 @@ internal static class InspectCommand
     {
         var args = new Args(argv, ModelInputs.Flags);
         using var checkpoint = Blip2Checkpoint.Open(args.Required("model"));
+        var weights = ModelInputs.Weights(args);
         args.EnsureAllUsed();
 
         var stages = new Dictionary<string, long> { ["vision"] = 0, ["qformer"] = 0, ["t5_encoder"] = 0, ["t5_decoder"] = 0, ["t5_shared_embedding"] = 0 };
@@ -22,6 +23,9 @@ internal static class InspectCommand
             config = checkpoint.Config,
             parameters = stages,
             total_parameters = stages.Values.Sum(),
+            // What --weights would run: quantized schemes are approximate.
+            weights = weights.Label,
+            approximate = !weights.IsExact,
             weight_files = checkpoint.Weights.Values.Select(w => Path.GetFileName(w.File.Path)).Distinct(),
         };
         Console.Out.WriteLine(JsonSerializer.Serialize(report, new JsonSerializerOptions(CliJson.Options)

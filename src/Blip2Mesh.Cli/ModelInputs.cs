@@ -3,6 +3,7 @@ using System.Text.Json;
 using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Pipeline;
+using Blip2Mesh.Model.Quantization;
 using Blip2Mesh.Model.Runtime;
 
 namespace Blip2Mesh.Cli;
@@ -13,7 +14,16 @@ internal static class ModelInputs
     public static readonly HashSet<string> Flags = ["do-sample", "json"];
 
     public static ExecutionOptions Execution(Args args) =>
-        new(ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu"));
+        new(ExecutionOptions.ParseDevice(args.Optional("device") ?? "cpu")) { Weights = Weights(args), WeightCache = args.Optional("cache-dir") };
+
+    /// <summary>--weights auto|int8|int4|STAGE=MODE,… (auto: the checkpoint's exact weights).</summary>
+    public static WeightScheme Weights(Args args)
+    {
+        var value = args.Optional("weights");
+        if (value is null) return WeightScheme.Exact;
+        try { return WeightScheme.Parse(value); }
+        catch (ArgumentException e) { throw new UsageException($"--weights: {e.Message}"); }
+    }
 
     /// <summary>Query embeddings [1, Q, d] for an encoded image file or a safetensors file holding pixel_values.</summary>
     public static FloatTensor QueryEmbeds(Blip2Pipeline pipeline, string? image, string? pixelValues)

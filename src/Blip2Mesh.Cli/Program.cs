@@ -8,6 +8,7 @@ const string GenerationOptions = """
     """;
 const string ServiceOptions = """
     every service: [--http-port N] [--bind ADDR (127.0.0.1)] [--tls-cert FILE --tls-key FILE] [--device cpu|cuda] [--threads N]
+    vision, qformer, decoder: [--weights auto|int8|int4|STAGE=MODE,... (auto)] [--cache-dir DIR]
     vision, qformer: [--max-batch N (8)] [--max-batch-delay-ms M (0)]
     decoder: [--max-batch-rows N (64)] [--kv-cache-mb N (1024)] [--max-queued N (1024)]
              [--short-answer-tokens N (32)] [--long-answer-share X (0.75)]
@@ -22,7 +23,8 @@ Command[] commands =
 [
     new("generate", "caption or answer about an image in this process", $$"""
         usage: blip2mesh generate --model DIR (--image FILE | --pixel-values FILE) [--prompt TEXT] [generation options] [--json] [--device cpu|cuda]
-               blip2mesh generate --model DIR --jsonl FILE [--device cpu|cuda]
+                                [--weights auto|int8|int4|STAGE=MODE,...] [--cache-dir DIR]
+               blip2mesh generate --model DIR --jsonl FILE [--device cpu|cuda] [--weights ...] [--cache-dir DIR]
         Streams the answer as it is generated (--json: one JSON object with ids, text and finish_reason at the end).
         --jsonl: one request per line, {"image": PATH, "prompt": TEXT, "num_beams": 4, ...} (options in snake_case), one JSON result per line.
         {{GenerationOptions}}
@@ -34,7 +36,7 @@ Command[] commands =
         """, CaptionCommand.Run),
     new("up", "the whole mesh on 127.0.0.1, until Ctrl-C", """
         usage: blip2mesh up --model DIR [--port P (50051)] [--http-port N (P+1)] [--decoder-replicas N (1)] [--redis HOST:PORT]
-                            [--device cpu|cuda] [--threads N]
+                            [--device cpu|cuda] [--threads N] [--weights auto|int8|int4|STAGE=MODE,...] [--cache-dir DIR]
         Starts vision, qformer, the decoders and the gateway, each its own process; prints "ready 127.0.0.1:P" once
         all report SERVING. The gateway's gRPC API is on P, its HTTP/JSON API and playground on N.
         """, UpCommand.Run),
@@ -51,7 +53,7 @@ Command[] commands =
         --jsonl: one {"text": TEXT} per line.
         """, TokenizeCommand.Run),
     new("inspect", "a model's resolved config and parameter counts", """
-        usage: blip2mesh inspect --model DIR
+        usage: blip2mesh inspect --model DIR [--weights auto|int8|int4|STAGE=MODE,...]
         """, InspectCommand.Run),
     new("export", "every stage graph as an .onnx file", """
         usage: blip2mesh export --model DIR [--out DIR]
@@ -65,6 +67,7 @@ Command[] commands =
         usage: blip2mesh bench --model DIR (--in-process | --mesh | --addr HOST:PORT [--pids NAME=PID,...]) [--concurrency 1,4,16]
                                [--requests N] [--max-new-tokens N] [--min-new-tokens N] [--prompt TEXT]
                                [--images DIR | --unique-images] [--device cpu|cuda] [--threads N] [--decoder-replicas N] [--out report.json]
+                               [--weights auto|int8|int4|STAGE=MODE,...] [--cache-dir DIR]
                                [--encoder-batching auto|on|off] (in-process; the mesh's decoders take it from serve)
         """, BenchCommand.Run),
 ];

@@ -32,6 +32,7 @@ internal static class ServeCommand
             TlsCertificate = args.Optional("tls-cert"),
             TlsKey = args.Optional("tls-key"),
         };
+        if (stage != "gateway") options = options with { Weights = ModelInputs.Weights(args), WeightCache = args.Optional("cache-dir") };
         Func<WebApplication> build = stage switch
         {
             "vision" => Batched(args, batching => StageHosts.Vision(options, batching)),

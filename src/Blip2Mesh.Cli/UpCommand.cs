@@ -26,6 +26,10 @@ internal static partial class UpCommand
         var redis = args.Optional("redis");
         // Three model processes share this machine's cores.
         var threads = args.Int("threads") ?? Math.Max(1, Environment.ProcessorCount / 3);
+        // Each model stage reads the stages of the scheme it runs (the decoder service runs encoder and decoder).
+        var weights = ModelInputs.Weights(args);
+        var cacheDir = args.Optional("cache-dir");
+        string[] weightArgs = weights.IsExact ? [] : cacheDir is null ? ["--weights", weights.Argument] : ["--weights", weights.Argument, "--cache-dir", Path.GetFullPath(cacheDir)];
         args.EnsureAllUsed();
         if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
         if (httpPort == port) throw new UsageException("--port and --http-port must differ");
@@ -41,9 +45,9 @@ internal static partial class UpCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
         try
         {
-            var vision = Start(services, "vision", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free());
-            var qformer = Start(services, "qformer", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free());
-            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free()).Port).ToList();
+            var vision = Start(services, "vision", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs);
+            var qformer = Start(services, "qformer", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs);
+            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs).Port).ToList();
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
                 "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}"))];
             Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);

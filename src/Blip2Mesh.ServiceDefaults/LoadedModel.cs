@@ -24,7 +24,7 @@ public static class LoadedModelRegistration
 /// Loads a service's model in the background once the host has started, so health answers NOT_SERVING while it
 /// loads and SERVING after; turns NOT_SERVING again when the host begins to stop, so balancers drain it.
 /// </summary>
-public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostApplicationLifetime lifetime, ILogger<LoadedModel<T>> logger)
+public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostApplicationLifetime lifetime, ILogger<LoadedModel<T>> logger, ServiceOptions? options = null)
     : BackgroundService where T : class
 {
     private readonly TaskCompletionSource<T> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -50,7 +50,8 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
             var model = load();
             _ready.SetResult(model);
             health.SetServing();
-            logger.LogInformation("model loaded in {Seconds:F1} s; serving", started.Elapsed.TotalSeconds);
+            if (options is null || options.Weights.IsExact) logger.LogInformation("model loaded in {Seconds:F1} s; serving", started.Elapsed.TotalSeconds);
+            else logger.LogInformation("model loaded in {Seconds:F1} s with weights {Weights}; serving", started.Elapsed.TotalSeconds, options.Weights.Label);
         }
         catch (Exception e)
         {

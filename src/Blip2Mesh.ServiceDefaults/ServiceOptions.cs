@@ -1,3 +1,4 @@
+using Blip2Mesh.Model.Quantization;
 using Blip2Mesh.Model.Runtime;
 
 namespace Blip2Mesh.ServiceDefaults;
@@ -16,7 +17,12 @@ public sealed record ServiceOptions
     /// <summary>ONNX Runtime intra-op threads per session; 0 lets it use every core.</summary>
     public int Threads { get; init; }
 
-    public ExecutionOptions Execution => new(Device, IntraOpThreads: Threads);
+    /// <summary>How the stage's Linear weights are stored (<c>--weights</c>); quantized schemes are approximate.</summary>
+    public WeightScheme Weights { get; init; } = WeightScheme.Exact;
+    /// <summary>Root of the quantized-weight cache (<c>--cache-dir</c>); null for the user's cache folder.</summary>
+    public string? WeightCache { get; init; }
+
+    public ExecutionOptions Execution => new(Device, IntraOpThreads: Threads) { Weights = Weights, WeightCache = WeightCache };
     /// <summary>Largest gRPC message accepted or sent (tensors of a batch, encoded images).</summary>
     public int MaxMessageBytes { get; init; } = 64 * 1024 * 1024;
     /// <summary>PEM certificate and key: serve gRPC and HTTP over TLS instead of cleartext.</summary>

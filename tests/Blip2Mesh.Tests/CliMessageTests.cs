@@ -67,6 +67,25 @@ public sealed class CliMessageTests : IDisposable
         Assert.Equal(["blip2mesh: unknown command 'frobnicate' (commands: generate, caption, up, serve, dump, tokenize, inspect, export, synth, bench; blip2mesh --help for more)"], Lines(command.Stderr));
     }
 
+    [Theory]
+    [InlineData("generate", "int3")]
+    [InlineData("bench", "decoder=fp8")]
+    [InlineData("up", "lm=int4")]
+    public void AnUnknownWeightSchemeIsAUsageErrorThatListsTheChoices(string command, string scheme)
+    {
+        var result = command switch
+        {
+            "generate" => CliProcess.Run("generate", "--model", Fixtures.Demo, "--image", Sample, "--weights", scheme),
+            "bench" => CliProcess.Run("bench", "--model", Fixtures.Demo, "--in-process", "--weights", scheme),
+            _ => CliProcess.Run("up", "--model", Fixtures.Demo, "--weights", scheme),
+        };
+        Assert.Equal(2, result.ExitCode);
+        var line = Lines(result.Stderr)[0];
+        Assert.StartsWith($"blip2mesh {command}: --weights: '", line);
+        Assert.True(line.Contains("expected auto, int8, int4") || line.Contains("expected vision, qformer, encoder or decoder"), line);
+        Assert.EndsWith(CliProcess.Run(command, "--help").Stdout, result.Stderr);
+    }
+
     [Fact]
     public void APortInUseIsOneLineNamingThePortAndTheService()
     {

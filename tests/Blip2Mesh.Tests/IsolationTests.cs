@@ -203,9 +203,9 @@ public sealed class IsolationTests(ITestOutputHelper output)
             times.Add(clock.Elapsed.TotalMilliseconds);
         }
         output.WriteLine(string.Join(", ", times.Select(t => $"{t:F0} ms")));
-        Assert.All(times, t => Assert.True(t < 1000, $"a read took {t:F0} ms"));
-        // Once the breaker is open, reads are skipped without waiting at all.
-        Assert.True(times.Skip(6).Max() < 50, $"reads after repeated failures took {string.Join(", ", times.Skip(6))} ms");
+        Assert.All(times, t => Assert.True(t < 2000, $"a read took {t:F0} ms"));
+        // Once the breaker is open, reads are skipped: far quicker than the 250 ms a read waits for a silent Redis.
+        Assert.True(times.Skip(6).Max() < 100, $"reads after repeated failures took {string.Join(", ", times.Skip(6))} ms");
     }
 
     private static readonly Lazy<FloatTensor> Queries = new(() => Fixtures.Pipeline("blip2-tiny-a").EmbedImage(

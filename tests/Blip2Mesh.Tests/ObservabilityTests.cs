@@ -80,8 +80,10 @@ public sealed class ObservabilityTests
     public async Task OneTraceSpansGatewayVisionQFormerAndDecoder()
     {
         var spans = new List<Activity>();
+        // Other tests host services in this process too: this test's request is the one under its own root span.
+        using var testSource = new ActivitySource("Blip2Mesh.Tests");
         using var tracing = Sdk.CreateTracerProviderBuilder()
-            .AddSource(MeshTelemetry.Name).AddAspNetCoreInstrumentation().AddGrpcClientInstrumentation()
+            .AddSource(MeshTelemetry.Name, testSource.Name).AddAspNetCoreInstrumentation().AddGrpcClientInstrumentation()
             .AddInMemoryExporter(spans).Build();
 
         ServiceOptions Options() => new() { Model = Fixtures.Demo, Port = MeshProcess.FreePort() };
@@ -89,6 +91,7 @@ public sealed class ObservabilityTests
         var qformerOptions = Options();
         var decoderOptions = Options();
         var gatewayOptions = Options();
+        Activity? root = null;
         WebApplication[] apps =
         [
             StageHosts.Vision(visionOptions), StageHosts.QFormer(qformerOptions), StageHosts.Decoder(decoderOptions),
@@ -109,6 +112,7 @@ public sealed class ObservabilityTests
             spans.Clear();
             var client = MeshClients.Gateway($"127.0.0.1:{gatewayOptions.Port}", out var channel);
             using (channel)
+            using (root = testSource.StartActivity("test request"))
             {
                 var answer = await MeshClients.AskAsync(client, MeshClients.Request(File.ReadAllBytes(Images[0])));
                 Assert.Null(answer.Error);
@@ -124,7 +128,8 @@ public sealed class ObservabilityTests
             }
         }
 
-        var servers = spans.Where(s => s.Kind == ActivityKind.Server).ToList();
+        Assert.NotNull(root);
+        var servers = spans.Where(s => s.Kind == ActivityKind.Server && s.TraceId == root.TraceId).ToList();
         var request = Assert.Single(servers, s => s.DisplayName.Contains("/blip2.v1.Blip2/Generate"));
         var trace = spans.Where(s => s.TraceId == request.TraceId).ToDictionary(s => s.SpanId);
         foreach (var stage in new[] { "/blip2mesh.vision.v1.Vision/Embed", "/blip2mesh.qformer.v1.QFormer/Project", "/blip2mesh.decoder.v1.Decoder/Generate" })

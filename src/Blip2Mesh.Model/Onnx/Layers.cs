@@ -7,13 +7,12 @@ namespace Blip2Mesh.Model.Onnx;
 public static class Layers
 {
     /// <summary>
-    /// nn.Linear with HF's [out, in] weight layout:
-    /// <code>x ──FusedMatMul(transB)──▶ (+ bias) ──▶</code>
+    /// nn.Linear with HF's [out, in] weight layout (exact or block-quantized, see <see cref="OnnxGraphBuilder.MatMulTransposed"/>):
+    /// <code>x ──FusedMatMul(transB) | MatMulNBits──▶ (+ bias) ──▶</code>
     /// </summary>
     public static string MakeLinear(OnnxGraphBuilder g, string name, string x, string weightPrefix, long inFeatures, long outFeatures, bool bias)
     {
-        var w = g.Weight($"{weightPrefix}.weight", outFeatures, inFeatures);
-        var y = g.MsOp("FusedMatMul", $"{name}/MatMul", [x, w], Attr.Int("transB", 1));
+        var y = g.MatMulTransposed(name, x, $"{weightPrefix}.weight", outFeatures, inFeatures);
         if (!bias) return y;
         var b = g.Weight($"{weightPrefix}.bias", outFeatures);
         return g.Op("Add", $"{name}/Add", [y, b]);

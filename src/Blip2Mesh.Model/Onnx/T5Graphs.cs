@@ -142,8 +142,8 @@ public static class T5DecoderStepGraph
         var tied = g.Config.TieWordEmbeddings || c.TieWordEmbeddings;
         // T5 rescales before a tied lm_head only when the text config itself ties them.
         if (c.TieWordEmbeddings) hidden = g.Op("Mul", "/decoder/lm_head/Rescale", [hidden, g.Float((float)Math.Pow(d, -0.5))]);
-        var lmHead = tied ? T5Weights.Shared(g) : g.Weight("language_model.lm_head.weight", c.VocabSize, d);
-        var logits = g.MsOp("FusedMatMul", "/lm_head/MatMul", [hidden, lmHead], Attr.Int("transB", 1));
+        var lmHead = tied ? T5Weights.SharedName(g) : "language_model.lm_head.weight";
+        var logits = g.MatMulTransposed("/lm_head", hidden, lmHead, c.VocabSize, d);
         g.Output(g.Op("Squeeze", "/lm_head/Squeeze", [logits, g.Ints(1)]), Logits, DataType.Float, "batch", c.VocabSize);
         return g.Build();
     }
@@ -176,12 +176,10 @@ public static class T5DecoderStepGraph
 internal static class T5Weights
 {
     /// <summary>The shared token embedding (encoder and decoder embed_tokens are tied to it).</summary>
-    public static string Shared(OnnxGraphBuilder g)
-    {
-        var c = g.Config.Text;
-        var name = g.HasWeight("language_model.shared.weight") ? "language_model.shared.weight" : "language_model.encoder.embed_tokens.weight";
-        return g.Weight(name, c.VocabSize, c.DModel);
-    }
+    public static string Shared(OnnxGraphBuilder g) => g.Weight(SharedName(g), g.Config.Text.VocabSize, g.Config.Text.DModel);
+
+    public static string SharedName(OnnxGraphBuilder g) =>
+        g.HasWeight("language_model.shared.weight") ? "language_model.shared.weight" : "language_model.encoder.embed_tokens.weight";
 
     /// <summary>A bias-free q/k/v projection d_model → heads × d_kv, split into heads [B, H, S, d_kv].</summary>
     public static string Project(OnnxGraphBuilder g, string name, string x, string weightPrefix)

@@ -1,5 +1,6 @@
 using Blip2Mesh.Model.Checkpoint;
 using Blip2Mesh.Model.Onnx;
+using Blip2Mesh.Model.Quantization;
 using Microsoft.ML.OnnxRuntime;
 
 namespace Blip2Mesh.Model.Runtime;
@@ -38,20 +39,37 @@ public sealed class Blip2Model : IDisposable
     /// <summary>Regroup graphs by their number of sources: 0, 1 or 2 (more are merged two at a time).</summary>
     private readonly Lazy<StageSession>[] _cacheRegroup;
 
+    /// <summary>Where the graphs' weights come from: the checkpoint itself, or it plus the quantized-weight cache.</summary>
+    private readonly IWeightSource _weights;
+    private readonly string _externalDataFolder;
+
     public Blip2Checkpoint Checkpoint { get; }
     public Blip2Config Config => Checkpoint.Config;
+    /// <summary>How the Linear weights of each stage are stored (exact unless <c>--weights</c> says otherwise).</summary>
+    public WeightScheme Weights => _execution.Weights;
 
     private Blip2Model(Blip2Checkpoint checkpoint, ExecutionOptions execution, PixelInput.Rgb8 rgbNormalization)
     {
         Checkpoint = checkpoint;
         _execution = execution;
+        if (execution.Weights.IsExact)
+        {
+            _weights = checkpoint;
+            _externalDataFolder = checkpoint.Directory;
+        }
+        else
+        {
+            var quantized = new QuantizedWeightSource(checkpoint, execution.WeightCache ?? QuantizedWeightSource.DefaultCacheRoot());
+            _weights = quantized;
+            _externalDataFolder = quantized.ExternalDataFolder;
+        }
         var graphs = StageGraphs(rgbNormalization).ToDictionary(g => g.Name, g => g.Build);
-        _visionPixelValues = Stage("vision", graphs["vision"]);
-        _visionRgb8 = Stage("vision-rgb8", graphs["vision-rgb8"]);
-        _qformer = Stage("qformer", graphs["qformer"]);
-        _encoder = Stage("t5-encoder", graphs["t5-encoder"]);
-        _decoder = Stage("t5-decoder-step", graphs["t5-decoder-step"]);
-        _cacheRegroup = Enumerable.Range(0, 3).Select(n => Stage($"t5-cache-regroup-{n}", g => T5CacheRegroupGraph.Build(g, n))).ToArray();
+        _visionPixelValues = Stage("vision", WeightStage.Vision, graphs["vision"]);
+        _visionRgb8 = Stage("vision-rgb8", WeightStage.Vision, graphs["vision-rgb8"]);
+        _qformer = Stage("qformer", WeightStage.QFormer, graphs["qformer"]);
+        _encoder = Stage("t5-encoder", WeightStage.Encoder, graphs["t5-encoder"]);
+        _decoder = Stage("t5-decoder-step", WeightStage.Decoder, graphs["t5-decoder-step"]);
+        _cacheRegroup = Enumerable.Range(0, 3).Select(n => Stage($"t5-cache-regroup-{n}", null, g => T5CacheRegroupGraph.Build(g, n))).ToArray();
     }
 
     /// <param name="rgbNormalization">The image processor's rescale/normalise settings, folded into the uint8 vision graph.</param>
@@ -68,8 +86,13 @@ public sealed class Blip2Model : IDisposable
         ("t5-decoder-step", T5DecoderStepGraph.Build),
     ];
 
-    private Lazy<StageSession> Stage(string name, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
-        new(() => new StageSession(name, build(new OnnxGraphBuilder(Checkpoint, name)), Checkpoint, _execution));
+    /// <param name="stage">Whose Linear weights the graph holds (null: none), so whose quantization applies.</param>
+    private Lazy<StageSession> Stage(string name, WeightStage? stage, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
+        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
+            Checkpoint, _externalDataFolder, _execution));
+
+    private Func<string, BlockQuantization?>? Linears(WeightStage? stage) =>
+        stage is { } s && _execution.Weights.For(s) is not null ? weight => _execution.Weights.For(s, weight) : null;
 
     /// <summary>Builds the sessions of the named stages now rather than on first request.</summary>
     public void Warm(bool vision = false, bool qformer = false, bool decoder = false)

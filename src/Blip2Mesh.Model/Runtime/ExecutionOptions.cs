@@ -1,3 +1,5 @@
+using Blip2Mesh.Model.Onnx;
+using Blip2Mesh.Model.Quantization;
 using Microsoft.ML.OnnxRuntime;
 
 namespace Blip2Mesh.Model.Runtime;
@@ -7,6 +9,15 @@ public enum ExecutionDevice { Cpu, Cuda }
 /// <summary>Where and how the stage graphs run. CPU unless CUDA is asked for; never a silent fallback.</summary>
 public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.Cpu, int DeviceId = 0, int IntraOpThreads = 0)
 {
+    /// <summary>How the stages' Linear weights are stored: exact (the default), or block-quantized at load.</summary>
+    public WeightScheme Weights { get; init; } = WeightScheme.Exact;
+
+    /// <summary>Root of the quantized-weight cache; null means <see cref="QuantizedWeightSource.DefaultCacheRoot"/>.</summary>
+    public string? WeightCache { get; init; }
+
+    /// <summary>How quantized Linears multiply; int8 activations are what the CPU's fast kernels run.</summary>
+    public MatMulNBitsCompute QuantizedCompute { get; init; } = MatMulNBitsCompute.Int8;
+
     public static ExecutionDevice ParseDevice(string value) => value.ToLowerInvariant() switch
     {
         "cpu" => ExecutionDevice.Cpu,

@@ -14,10 +14,11 @@ public sealed class StageSession : IDisposable
     public string Name { get; }
     public List<string> OutputNames { get; }
 
-    public StageSession(string name, ModelProto model, Blip2Checkpoint checkpoint, ExecutionOptions execution)
+    /// <param name="externalDataFolder">The folder the graph's external-data locations are relative to.</param>
+    public StageSession(string name, ModelProto model, Blip2Checkpoint checkpoint, string externalDataFolder, ExecutionOptions execution)
     {
         Name = name;
-        using var options = execution.CreateSessionOptions(checkpoint.Directory);
+        using var options = execution.CreateSessionOptions(externalDataFolder);
         try
         {
             _session = new InferenceSession(model.ToByteArray(), options);
