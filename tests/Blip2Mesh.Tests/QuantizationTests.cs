@@ -298,6 +298,19 @@ public sealed class QuantizedWeightCacheTests : IDisposable
         Assert.Empty(Directory.GetFiles(_cache.Root, "*.tmp", SearchOption.AllDirectories));
     }
 
+    [Fact]
+    public void AnUnwritableCacheFolderIsOneSentenceNamingIt()
+    {
+        using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
+        var blocked = Path.Combine(_cache.Root, "a-file");
+        Directory.CreateDirectory(_cache.Root);
+        File.WriteAllText(blocked, "not a folder");
+        var shape = checkpoint.Weights[Weight].Entry.Shape;
+        var e = Assert.Throws<InvalidOperationException>(() =>
+            new QuantizedWeightSource(checkpoint, blocked).DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.Int8));
+        Assert.Equal($"the quantized weights of {checkpoint.Directory} cannot be written to the cache folder {Path.Combine(blocked, checkpoint.Fingerprint)}; give a writable folder with --cache-dir", e.Message);
+    }
+
     [Theory]
     [InlineData(TensorDType.Float16, 8)]
     [InlineData(TensorDType.BFloat16, 4)]

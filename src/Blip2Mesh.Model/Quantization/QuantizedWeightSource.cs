@@ -62,7 +62,17 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
         var scalesLength = outFeatures * quantization.BlockCount(inFeatures) * sizeof(float);
         var path = Path.Combine(_cacheFolder, quantization.CacheKey, name + ".bin");
         if (!File.Exists(path) || new FileInfo(path).Length != packedLength + scalesLength)
-            Write(path, weight, (int)outFeatures, (int)inFeatures, quantization, packedLength, scalesLength);
+        {
+            try
+            {
+                Write(path, weight, (int)outFeatures, (int)inFeatures, quantization, packedLength, scalesLength);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new InvalidOperationException(
+                    $"the quantized weights of {_checkpoint.Directory} cannot be written to the cache folder {_cacheFolder}; give a writable folder with --cache-dir", e);
+            }
+        }
         return new QuantizedWeightLocation(name, outFeatures, inFeatures, quantization, Relative(path), packedLength, packedLength, scalesLength);
     }
 
