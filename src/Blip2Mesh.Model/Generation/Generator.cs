@@ -19,6 +19,22 @@ public sealed class Generator(Blip2Model model)
         return new DecodingState(model.Config, model.Encode(queryEmbeds, [promptIds]), options);
     }
 
+    /// <summary>
+    /// The decoding states of one request, from one encoder run: one state (greedy, or beam search returning its
+    /// best num_return_sequences beams), or one per sample when sampling asks for several answers. Sample i draws
+    /// with seed + i, so the first of n samples is the one a single sample with the same seed gives.
+    /// </summary>
+    public IReadOnlyList<DecodingState> StartRequest(FloatTensor queryEmbeds, IReadOnlyList<int> promptIds, GenerationOptions options)
+    {
+        options.Validate();
+        if (!options.DoSample || options.NumReturnSequences == 1) return [Start(queryEmbeds, promptIds, options)];
+        if (promptIds.Count == 0) throw new ArgumentException("the prompt must hold at least the end-of-sequence token");
+        var encoder = model.Encode(queryEmbeds, [promptIds]);
+        return Enumerable.Range(0, options.NumReturnSequences)
+            .Select(i => new DecodingState(model.Config, encoder, options with { NumReturnSequences = 1, Seed = options.Seed + i }))
+            .ToList();
+    }
+
     /// <summary>Advances one request by one decoder step; returns the tokens that became final.</summary>
     public IReadOnlyList<int> Step(DecodingState state) => Step([state])[0];
 
