@@ -52,6 +52,12 @@ public static class GatewayStage
         services.AddSingleton(gateway);
         services.AddSingleton(limits.Validate());
         services.AddSingleton<GenerationPath>();
+        services.AddSingleton(sp =>
+        {
+            var model = Path.TrimEndingDirectorySeparator(sp.GetRequiredService<ServiceOptions>().Model);
+            return new OpenAiEndpoints.ServedModel(gateway.ModelName ?? Path.GetFileName(model),
+                new DateTimeOffset(File.GetLastWriteTimeUtc(Path.Combine(model, "config.json"))).ToUnixTimeSeconds());
+        });
         services.AddSingleton(new StagePipelines(gateway.Resilience));
         services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes));
         services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
@@ -77,6 +83,7 @@ public static class GatewayStage
         app.MapGrpcService<GatewayService>();
         app.MapPlayground();
         app.MapLimits();
+        app.MapOpenAi();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();

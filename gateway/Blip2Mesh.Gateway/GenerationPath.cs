@@ -121,8 +121,8 @@ public static class RequestIds
 {
     public const string Header = "x-request-id";
 
-    public static string FromHeader(string? presented) =>
+    public static string FromHeader(string? presented, string newPrefix = "") =>
         presented is { Length: > 0 and <= 128 } id && id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.' or ':')
             ? id
-            : Guid.NewGuid().ToString("N");
+            : newPrefix + Guid.NewGuid().ToString("N");
 }
