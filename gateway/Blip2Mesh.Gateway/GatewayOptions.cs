@@ -28,4 +28,6 @@ public sealed record GatewayOptions
     /// <summary>PEM CA certificate the stages' TLS certificates are checked against; stage hops are cleartext when null.</summary>
     public string? StageTlsCa { get; init; }
     public ResilienceOptions Resilience { get; init; } = new();
+    /// <summary>The model's name in the OpenAI API (/v1/models, "model"); the model folder's name when null.</summary>
+    public string? ModelName { get; init; }
 }

@@ -14,100 +14,22 @@ using Polly;
 
 namespace Blip2Mesh.Gateway;
 
-/// <summary>The public API: embeds images through the vision and Q-Former stages (or the cache) and streams the decoder's answer.</summary>
-public sealed class GatewayService(
-    ImageEmbedder embedder, StageChannels stages, StagePipelines pipelines, T5Tokenizer tokenizer, GenerationLimits limits, ILogger<GatewayService> logger)
-    : Blip2.Blip2Base
+/// <summary>The public gRPC (and JSON) API over the gateway's one generation path.</summary>
+public sealed class GatewayService(ImageEmbedder embedder, GenerationPath generation) : Blip2.Blip2Base
 {
     public override async Task<PutImageResponse> PutImage(PutImageRequest request, ServerCallContext context)
     {
-        var embedding = await embedder.EmbedAsync(request.Image.Memory, context);
+        var embedding = await embedder.EmbedAsync(request.Image.Memory, context.CancellationToken);
         return new PutImageResponse { ImageId = embedding.ImageId, CacheHit = embedding.CacheHit };
     }
 
     public override async Task Generate(GenerateRequest request, IServerStreamWriter<GenerateResponse> responses, ServerCallContext context)
     {
-        // The request's duration and status are recorded by ServingErrorInterceptor; this clock serves stage_ms and TTFT.
-        var timer = System.Diagnostics.Stopwatch.StartNew();
-        var hasImage = !request.Image.IsEmpty;
-        var hasId = !string.IsNullOrEmpty(request.ImageId);
-        if (hasImage == hasId)
-            throw hasImage
-                ? ServingException.Invalid("image", "give exactly one of image and image_id, not both")
-                : ServingException.Invalid("image", "is empty and no image_id was given: give exactly one of image and image_id");
-        if (hasId && !ImageEmbedder.IsImageId(request.ImageId))
-            throw ServingException.Invalid("image_id", "must be the 64 hexadecimal characters PutImage returned");
-        var options = request.Options ?? new Contracts.V1.GenerationOptions();
-        GenerationRequests.ToOptions(options, limits);
-        GenerationRequests.EncodePrompt(tokenizer, request.Prompt, limits);
-
-        var embedding = hasImage
-            ? await embedder.EmbedAsync(request.Image.Memory, context)
-            : await embedder.FindAsync(request.ImageId) is { } cached
-                ? new ImageEmbedding(request.ImageId, cached, true, new Dictionary<string, double>())
-                : throw ServingException.NotFound(
-                    $"image_id {request.ImageId} is not known (or was evicted); send the image bytes or call PutImage first");
-
-        var decode = new DecodeRequest
-        {
-            QueryEmbeds = TensorCodec.FromFloat(embedding.QueryEmbeds),
-            Prompt = request.Prompt,
-            Options = options,
-            ModelFingerprint = embedder.Fingerprint,
-        };
-        var client = new Contracts.Decoder.V1.Decoder.DecoderClient(stages.Decoder);
-        // A caller that sets no deadline still gets an answer or an error in bounded time.
-        var deadline = context.Deadline == DateTime.MaxValue ? DateTime.UtcNow + pipelines.DefaultDecodeTimeout : context.Deadline;
-        var resilience = ResilienceContextPool.Shared.Get(context.CancellationToken);
-        var forwarded = 0;
-        double? firstTokenMs = null;
-        try
-        {
-            await pipelines.Decoder.ExecuteAsync(async rc =>
-            {
-                using var call = client.Generate(decode, deadline: deadline, cancellationToken: rc.CancellationToken);
-                await foreach (var e in call.ResponseStream.ReadAllAsync(rc.CancellationToken))
-                {
-                    var response = new GenerateResponse { Text = e.Text };
-                    response.TokenIds.AddRange(e.TokenIds);
-                    if (forwarded == 0) response.ImageId = embedding.ImageId;
-                    if (e.TokenIds.Count > 0 && firstTokenMs is null)
-                    {
-                        firstTokenMs = timer.Elapsed.TotalMilliseconds;
-                        MeshTelemetry.TimeToFirstToken.Record(firstTokenMs.Value);
-                    }
-                    if (!string.IsNullOrEmpty(e.FinishReason))
-                    {
-                        response.FinishReason = e.FinishReason;
-                        response.Usage = new Usage { PromptTokens = e.PromptTokens, GeneratedTokens = e.GeneratedTokens, CacheHit = embedding.CacheHit };
-                        foreach (var (stage, ms) in embedding.StageMs) response.Usage.StageMs[stage] = ms;
-                        response.Usage.StageMs["decoder"] = e.DecoderMs;
-                        response.Usage.StageMs["total"] = timer.Elapsed.TotalMilliseconds;
-                        if (firstTokenMs is { } first && e.GeneratedTokens > 1 && timer.Elapsed.TotalMilliseconds > first)
-                            MeshTelemetry.TokensPerSecond.Record((e.GeneratedTokens - 1) / ((timer.Elapsed.TotalMilliseconds - first) / 1000));
-                        logger.LogInformation("generated {Tokens} tokens ({FinishReason}) for image {ImageId} in {Milliseconds:F1} ms, cache hit {CacheHit}",
-                            e.GeneratedTokens, e.FinishReason, embedding.ImageId, timer.Elapsed.TotalMilliseconds, embedding.CacheHit);
-                    }
-                    // From here on a failure cannot be retried: the caller already has part of the answer.
-                    rc.Properties.Set(StagePipelines.StreamStarted, true);
-                    forwarded++;
-                    await responses.WriteAsync(response, rc.CancellationToken);
-                }
-            }, resilience);
-        }
-        catch (Exception e) when (forwarded > 0 && !context.CancellationToken.IsCancellationRequested)
-        {
-            logger.LogWarning(e, "the decoder stream failed after {Messages} messages", forwarded);
-            throw ServingException.Unavailable("decoder stage failed after part of the answer was streamed; the answer is incomplete: ask again");
-        }
-        catch (Exception e)
-        {
-            throw StageErrors.ForCaller("decoder", e, context.CancellationToken);
-        }
-        finally
-        {
-            ResilienceContextPool.Shared.Return(resilience);
-        }
+        var http = context.GetHttpContext();
+        var requestId = RequestIds.FromHeader(http.Request.Headers[RequestIds.Header]);
+        // Sent with the response headers (gRPC metadata, or the HTTP headers of the JSON API).
+        http.Response.Headers[RequestIds.Header] = requestId;
+        await generation.RunAsync(request, requestId, "Generate", responses.WriteAsync, context.Deadline, context.CancellationToken);
     }
 }
 
@@ -128,6 +50,13 @@ public static class GatewayStage
         services.AddSingleton(ApiKeys.Load(gateway.ApiKeysFile));
         services.AddSingleton(gateway);
         services.AddSingleton(limits.Validate());
+        services.AddSingleton<GenerationPath>();
+        services.AddSingleton(sp =>
+        {
+            var model = Path.TrimEndingDirectorySeparator(sp.GetRequiredService<ServiceOptions>().Model);
+            return new OpenAiEndpoints.ServedModel(gateway.ModelName ?? Path.GetFileName(model),
+                new DateTimeOffset(File.GetLastWriteTimeUtc(Path.Combine(model, "config.json"))).ToUnixTimeSeconds());
+        });
         services.AddSingleton(new StagePipelines(gateway.Resilience));
         services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes));
         services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
@@ -155,6 +84,7 @@ public static class GatewayStage
         app.MapGrpcService<GatewayService>();
         app.MapPlayground();
         app.MapLimits();
+        app.MapOpenAi();
         // Load the model files now: a gateway that cannot read them must not report SERVING.
         _ = app.Services.GetRequiredService<ImageEmbedder>();
         _ = app.Services.GetRequiredService<T5Tokenizer>();

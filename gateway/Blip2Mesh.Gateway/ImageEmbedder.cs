@@ -50,7 +50,7 @@ public sealed class ImageEmbedder(
 
     private string CacheKey(string imageId) => $"blip2mesh:embeds:{fingerprint}:{imageId}";
 
-    public async Task<ImageEmbedding> EmbedAsync(ReadOnlyMemory<byte> image, ServerCallContext context)
+    public async Task<ImageEmbedding> EmbedAsync(ReadOnlyMemory<byte> image, CancellationToken cancellation)
     {
         if (image.Length == 0) throw ServingException.Invalid("image", "is empty");
         if (image.Length > options.MaxImageBytes)
@@ -63,7 +63,7 @@ public sealed class ImageEmbedder(
         {
             computed = await FromRedisOrStagesAsync(key, image, abandoned);
             return computed.Embeds;
-        }, context.CancellationToken);
+        }, cancellation);
         // A hit: this process had it (L1), another request computed it meanwhile, or Redis had it (L2).
         var hit = shared || computed is null || computed.FromRedis;
         if (computed is null || shared) MeshTelemetry.CacheHits.Add(1, new KeyValuePair<string, object?>("level", "l1"));

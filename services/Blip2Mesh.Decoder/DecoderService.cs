@@ -4,6 +4,8 @@ using Blip2Mesh.Model.Onnx;
 using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.Model.Text;
 using Blip2Mesh.ServiceDefaults;
+using System.Threading.Channels;
+using Blip2Mesh.Model.Errors;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
@@ -64,7 +66,8 @@ public static class DecoderStage
 
 /// <summary>
 /// The decoder stage: query embeddings + prompt in, tokens and text deltas streamed out. Every active request
-/// shares the decoder steps of one continuous batch.
+/// shares the decoder steps of one continuous batch. A request asking for several samples decodes one state per
+/// sample (one encoder run); their events interleave on the stream, each carrying its answer's index.
 /// </summary>
 public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, GenerationLimits limits) : Contracts.Decoder.V1.Decoder.DecoderBase
 {
@@ -76,37 +79,129 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         var queries = TensorCodec.ToFloat(request.QueryEmbeds, "query_embeds", [1, config.NumQueryTokens, config.Text.DModel],
             $"the Q-Former output of model {r.Model.Checkpoint.Fingerprint}");
         var options = GenerationRequests.ToOptions(request.Options, limits);
+        var stops = GenerationRequests.StopSequences(request.Options);
         var promptIds = GenerationRequests.EncodePrompt(r.Tokenizer, request.Prompt, limits);
         // Decided before the encoder runs: a request that can never fit costs nothing but its refusal.
         r.Batcher.CheckFits(config.Text, options, config.NumQueryTokens + promptIds.Count);
 
         MeshTelemetry.StageRequests.Add(1, new KeyValuePair<string, object?>("stage", "decoder"));
         using var timer = MeshTelemetry.Time(MeshTelemetry.StageDuration, "stage", "decoder");
-        var cancellation = context.CancellationToken;
-        var state = await r.Encoder.StartAsync(queries, promptIds, options, cancellation);
-        var tokens = r.Batcher.Submit(state, cancellation);
-
-        var text = r.Tokenizer.CreateStreamingDecoder();
-        var generated = 0;
-        DecodeEvent Finish(DecodeEvent e)
+        var states = await r.Encoder.StartAsync(queries, promptIds, options, context.CancellationToken);
+        // Each answer's events, in order; answers run side by side and their events are written as they come.
+        var events = Channel.CreateUnbounded<DecodeEvent>(new UnboundedChannelOptions { SingleReader = true });
+        using var answersDone = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken);
+        // One per answer: cancelled when a stop string ends it, so it leaves the batch at the next step.
+        var stopDecoding = states.Select(_ => CancellationTokenSource.CreateLinkedTokenSource(answersDone.Token)).ToList();
+        var answers = new List<Task>(states.Count);
+        try
         {
-            e.Text += text.Finish();
-            e.FinishReason = state.Results[0].FinishReason;
-            e.PromptTokens = promptIds.Count;
-            e.GeneratedTokens = generated;
-            e.DecoderMs = timer.ElapsedMs;
-            return e;
+            try
+            {
+                for (var i = 0; i < states.Count; i++)
+                {
+                    // Submit owns the state from here on; the states not yet submitted are disposed on a refusal.
+                    var tokens = r.Batcher.Submit(states[i], stopDecoding[i].Token);
+                    answers.Add(StreamAnswer(i, states[i], tokens, stops, options.IsBeamSearch, events.Writer, stopDecoding[i], answersDone.Token));
+                }
+            }
+            catch
+            {
+                foreach (var state in states.Skip(answers.Count + 1)) state.Dispose();
+                throw;
+            }
+            // The first answer to fail ends the stream with its error.
+            _ = Task.WhenAll(answers).ContinueWith(t => events.Writer.TryComplete(t.Exception?.InnerException), TaskScheduler.Default);
+
+            var generated = 0;
+            await foreach (var e in events.Reader.ReadAllAsync(context.CancellationToken))
+            {
+                generated += e.TokenIds.Count;
+                MeshTelemetry.GeneratedTokens.Add(e.TokenIds.Count);
+                if (!string.IsNullOrEmpty(e.FinishReason))
+                {
+                    e.PromptTokens = promptIds.Count;
+                    e.GeneratedTokens = generated;
+                    e.DecoderMs = timer.ElapsedMs;
+                }
+                await responses.WriteAsync(e, context.CancellationToken);
+            }
+        }
+        finally
+        {
+            // Answers still decoding (the request failed or its caller left) leave the batch at the next step.
+            await answersDone.CancelAsync();
+            await Task.WhenAll(answers).ContinueWith(_ => { }, TaskScheduler.Default);
+            foreach (var source in stopDecoding) source.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// One answer's events: text deltas cut at the first stop string, the last one with its finish_reason. A stop
+    /// ends greedy decoding and sampling at once (<paramref name="stopDecoding"/> takes the answer out of the batch);
+    /// beam search runs on (its best beam can still change) but sends no more text. Beam search's other answers
+    /// follow its best one, each as one event.
+    /// </summary>
+    private async Task StreamAnswer(int index, DecodingState state, IAsyncEnumerable<DecodedTokens> tokens, IReadOnlyList<string> stops,
+        bool beamSearch, ChannelWriter<DecodeEvent> events, CancellationTokenSource stopDecoding, CancellationToken cancellation)
+    {
+        var text = runtime.Value.Tokenizer.CreateStreamingDecoder();
+        var stop = new StopSequenceFilter(stops);
+        async Task Finish(DecodeEvent last, bool complete)
+        {
+            if (!stop.Stopped) last.Text += stop.Push(text.Finish());
+            if (!stop.Stopped) last.Text += stop.Finish();
+            last.FinishReason = stop.Stopped ? "stop" : state.Results[0].FinishReason;
+            await events.WriteAsync(last, cancellation);
+            if (!complete)
+            {
+                await stopDecoding.CancelAsync();
+                return;
+            }
+            for (var k = 1; k < state.Results.Count; k++)
+                await events.WriteAsync(WholeAnswer(k, state.Results[k], stops), cancellation);
         }
         await foreach (var decoded in tokens)
         {
-            generated += decoded.Ids.Count;
-            MeshTelemetry.GeneratedTokens.Add(decoded.Ids.Count);
-            var delta = new DecodeEvent { Text = string.Concat(decoded.Ids.Select(text.Push)) };
-            delta.TokenIds.AddRange(decoded.Ids);
+            var delta = Event(index, decoded.Ids, decoded.Logprobs, stop.Push(string.Concat(decoded.Ids.Select(text.Push))));
             // The last tokens and the end of the answer travel together: one message fewer on every hop.
-            await responses.WriteAsync(decoded.IsLast ? Finish(delta) : delta, cancellation);
-            if (decoded.IsLast) return;
+            if (decoded.IsLast || (stop.Stopped && !beamSearch))
+            {
+                await Finish(delta, decoded.IsLast);
+                return;
+            }
+            await events.WriteAsync(delta, cancellation);
         }
-        await responses.WriteAsync(Finish(new DecodeEvent()), cancellation);
+        await Finish(Event(index, [], [], ""), complete: true);
+    }
+
+    /// <summary>A finished beam as one event, cut at its first stop string.</summary>
+    private DecodeEvent WholeAnswer(int index, GeneratedSequence sequence, IReadOnlyList<string> stops)
+    {
+        var stop = new StopSequenceFilter(stops);
+        var ids = sequence.Ids.Skip(1).ToList();
+        var text = stop.Push(runtime.Value.Tokenizer.Decode(ids));
+        var e = Event(index, ids, sequence.Logprobs ?? [], stop.Stopped ? text : text + stop.Finish());
+        e.FinishReason = stop.Stopped ? "stop" : sequence.FinishReason;
+        return e;
+    }
+
+    private DecodeEvent Event(int index, IReadOnlyList<int> ids, IReadOnlyList<TokenLogprob> logprobs, string text)
+    {
+        var e = new DecodeEvent { Index = index, Text = text };
+        e.TokenIds.AddRange(ids);
+        foreach (var logprob in logprobs)
+        {
+            var token = new Contracts.V1.TokenLogprob { TokenId = logprob.TokenId, Token = TokenText(logprob.TokenId), Logprob = logprob.Logprob };
+            token.Top.AddRange(logprob.Top.Select(a => new Contracts.V1.TokenAlternative { TokenId = a.TokenId, Token = TokenText(a.TokenId), Logprob = a.Logprob }));
+            e.Logprobs.Add(token);
+        }
+        return e;
+    }
+
+    /// <summary>A token's piece as text; ids past the tokenizer's (the vocabulary's padding) have none.</summary>
+    private string TokenText(int id)
+    {
+        var tokenizer = runtime.Value.Tokenizer;
+        return id < tokenizer.Count ? tokenizer.IdToToken(id).Replace('\u2581', ' ') : "";
     }
 }

@@ -386,7 +386,8 @@ internal static partial class BenchCommand
             var queries = await Cached(image);
             var decoderStart = Stopwatch.GetTimestamp();
             var promptIds = _pipeline.Tokenizer.Encode(prompt);
-            var state = await Task.Run(() => _encoder.StartAsync(queries, promptIds, options, CancellationToken.None));
+            // One answer per request here (no num_return_sequences): its one state.
+            var state = (await Task.Run(() => _encoder.StartAsync(queries, promptIds, options, CancellationToken.None)))[0];
             var text = _pipeline.Tokenizer.CreateStreamingDecoder();
             double? ttft = null;
             var tokens = 0;

@@ -15,6 +15,7 @@ const string ServiceOptions = """
              [--encoder-batching auto|on|off (auto: measured at start-up, on with CUDA)] [--max-encoder-batch N (8)]
     gateway: --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...] [--redis HOST:PORT]
              [--api-keys-file FILE] [--cache-mb N (256)] [--max-image-mb N (20)] [--max-image-work-mb N (448)] [--tls-ca FILE]
+             [--model-name NAME (the model folder's name; the OpenAI API's model id)]
     gateway and decoder (give both the same): [--max-new-tokens-limit N (512)] [--max-beams-limit N (8)]
              [--max-prompt-tokens N (256)] [--max-prompt-bytes N (16384)]
     """;

@@ -124,6 +124,7 @@ internal static class ServeCommand
             MaxImageWorkBytes = (long)((args.Float("max-image-work-mb") ?? defaults.MaxImageWorkBytes / 1048576f) * 1048576),
             Redis = args.Optional("redis"),
             ApiKeysFile = args.Optional("api-keys-file"),
+            ModelName = args.Optional("model-name"),
             StageTlsCa = args.Optional("tls-ca"),
         };
         var limits = Limits(args);

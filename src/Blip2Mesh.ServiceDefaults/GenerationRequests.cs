@@ -41,13 +41,34 @@ public static class GenerationRequests
             LengthPenalty = proto.HasLengthPenalty ? proto.LengthPenalty : defaults.LengthPenalty,
             NoRepeatNgramSize = proto.HasNoRepeatNgramSize ? proto.NoRepeatNgramSize : defaults.NoRepeatNgramSize,
             Seed = proto.HasSeed ? proto.Seed : null,
+            NumReturnSequences = proto.HasNumReturnSequences ? proto.NumReturnSequences : defaults.NumReturnSequences,
+            Logprobs = proto.Logprobs,
+            TopLogprobs = proto.TopLogprobs,
         };
         options.Validate();
         if (options.MaxNewTokens > limits.MaxNewTokens)
             throw ServingException.Invalid("max_new_tokens", $"must be at most {limits.MaxNewTokens} (got {options.MaxNewTokens})");
         if (options.NumBeams > limits.MaxBeams)
             throw ServingException.Invalid("num_beams", $"must be at most {limits.MaxBeams} (got {options.NumBeams})");
+        // Each sample is a decoder row, as each beam is.
+        if (options.NumReturnSequences > limits.MaxBeams)
+            throw ServingException.Invalid("num_return_sequences", $"must be at most {limits.MaxBeams} (got {options.NumReturnSequences})");
+        StopSequences(proto);
         return options;
+    }
+
+    public const int MaxStopSequences = 4;
+    public const int MaxStopLength = 64;
+
+    /// <summary>The request's stop strings, refusing more than 4, an empty one or one over 64 characters.</summary>
+    public static IReadOnlyList<string> StopSequences(ProtoOptions? proto)
+    {
+        if (proto is null) return [];
+        if (proto.Stop.Count > MaxStopSequences)
+            throw ServingException.Invalid("stop", $"at most {MaxStopSequences} stop strings are accepted (got {proto.Stop.Count})");
+        if (proto.Stop.Any(s => s.Length is 0 or > MaxStopLength))
+            throw ServingException.Invalid("stop", $"every stop string must be 1 to {MaxStopLength} characters long");
+        return proto.Stop;
     }
 
     /// <summary>The prompt's token ids, refusing a prompt over the byte limit before tokenizing it and one over the token limit after.</summary>

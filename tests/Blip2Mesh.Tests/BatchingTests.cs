@@ -89,7 +89,8 @@ public sealed class BatchingTests
             (5, "Question: what is in the picture? Answer:", new GenerationOptions { DoSample = true, Seed = 11 }),
             (2, "Question: how many? Answer:", new GenerationOptions { NumBeams = 2, MaxNewTokens = 9 }),
         ];
-        var states = Pipeline.Generator.StartBatch(requests.Select(r => (Queries(r.Image), (IReadOnlyList<int>)Pipeline.Tokenizer.Encode(r.Prompt), r.Options)).ToList());
+        var states = Pipeline.Generator.StartBatch(requests.Select(r => (Queries(r.Image), (IReadOnlyList<int>)Pipeline.Tokenizer.Encode(r.Prompt), r.Options)).ToList())
+            .Select(request => Assert.Single(request)).ToList();
         // Stepped together, as the decoder's batch would, from the one shared encoder output.
         _ = Pipeline.Generator.RunBatch(states).ToList();
         for (var k = 0; k < requests.Length; k++)
@@ -103,7 +104,8 @@ public sealed class BatchingTests
         Assert.True(encoder.Batches);
         var prompts = new[] { "", "a photo of", "Question: what is in the picture? Answer:", "Question: how many? Answer:" };
         var options = new GenerationOptions { MaxNewTokens = 10 };
-        var states = await Task.WhenAll(prompts.Select((p, i) => Task.Run(() => encoder.StartAsync(Queries(i), Pipeline.Tokenizer.Encode(p), options, CancellationToken.None))));
+        var states = (await Task.WhenAll(prompts.Select((p, i) => Task.Run(() => encoder.StartAsync(Queries(i), Pipeline.Tokenizer.Encode(p), options, CancellationToken.None)))))
+            .Select(request => Assert.Single(request)).ToList();
         foreach (var (state, k) in states.Select((s, k) => (s, k)))
         {
             _ = Pipeline.Generator.Run(state).ToList();

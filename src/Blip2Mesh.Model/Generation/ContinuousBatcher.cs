@@ -60,10 +60,10 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     private int _queued;
     private int _activeSequences;
 
-    private sealed class Sequence(DecodingState state, ChannelWriter<IReadOnlyList<int>> tokens, CancellationToken cancellation, bool isLong)
+    private sealed class Sequence(DecodingState state, ChannelWriter<DecodedTokens> tokens, CancellationToken cancellation, bool isLong)
     {
         public DecodingState State { get; } = state;
-        public ChannelWriter<IReadOnlyList<int>> Tokens { get; } = tokens;
+        public ChannelWriter<DecodedTokens> Tokens { get; } = tokens;
         public CancellationToken Cancellation { get; } = cancellation;
         public bool IsLong { get; } = isLong;
         public LinkedListNode<Sequence>? Queued { get; set; }
@@ -118,7 +118,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     /// </summary>
     public IAsyncEnumerable<DecodedTokens> Submit(DecodingState state, CancellationToken cancellation)
     {
-        var tokens = Channel.CreateUnbounded<IReadOnlyList<int>>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
+        var tokens = Channel.CreateUnbounded<DecodedTokens>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
         var sequence = new Sequence(state, tokens.Writer, cancellation, state.MaxNewTokens > _options.ShortAnswerTokens);
         try
         {
@@ -160,16 +160,21 @@ public sealed class ContinuousBatcher : IAsyncDisposable
         sequence.State.Dispose();
     }
 
-    private static async IAsyncEnumerable<DecodedTokens> ReadDecoded(ChannelReader<IReadOnlyList<int>> steps,
+    private static async IAsyncEnumerable<DecodedTokens> ReadDecoded(ChannelReader<DecodedTokens> steps,
         [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellation)
     {
         while (await steps.WaitToReadAsync(cancellation))
         {
             var ids = new List<int>();
-            while (steps.TryRead(out var step)) ids.AddRange(step);
+            var logprobs = new List<TokenLogprob>();
+            while (steps.TryRead(out var step))
+            {
+                ids.AddRange(step.Ids);
+                logprobs.AddRange(step.Logprobs);
+            }
             // Completion is set as the last step is read from a completed channel: the consumer can end its answer
             // in the same message as its last tokens.
-            yield return new DecodedTokens(ids, steps.Completion.IsCompletedSuccessfully);
+            yield return new DecodedTokens(ids, steps.Completion.IsCompletedSuccessfully, logprobs);
         }
     }
 
@@ -251,7 +256,7 @@ public sealed class ContinuousBatcher : IAsyncDisposable
             for (var i = active.Count - 1; i >= 0; i--)
             {
                 var sequence = active[i];
-                if (stepped[i].Count > 0) sequence.Tokens.TryWrite(stepped[i]);
+                if (stepped[i].Count > 0) sequence.Tokens.TryWrite(new DecodedTokens(stepped[i], false, sequence.State.StableLogprobs));
                 if (sequence.State.IsFinished)
                 {
                     sequence.Tokens.TryComplete();
@@ -292,8 +297,11 @@ public sealed class ContinuousBatcher : IAsyncDisposable
     }
 }
 
-/// <summary>Tokens decoded for one request since its consumer last read; <paramref name="IsLast"/> when nothing follows.</summary>
-public sealed record DecodedTokens(IReadOnlyList<int> Ids, bool IsLast);
+/// <summary>
+/// Tokens decoded for one request since its consumer last read; <paramref name="IsLast"/> when nothing follows;
+/// their logprobs when the request asked for them (else empty).
+/// </summary>
+public sealed record DecodedTokens(IReadOnlyList<int> Ids, bool IsLast, IReadOnlyList<TokenLogprob> Logprobs);
 
 /// <summary>The decoder's queue is full; the caller should retry later or elsewhere.</summary>
 public sealed class QueueFullException(string message) : ServingException(ErrorKind.Overloaded, message);

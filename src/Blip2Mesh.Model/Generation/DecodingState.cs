@@ -3,8 +3,11 @@ using Blip2Mesh.Model.Runtime;
 
 namespace Blip2Mesh.Model.Generation;
 
-/// <summary>One finished sequence: ids as HF <c>generate</c> returns them (decoder start token first).</summary>
-public sealed record GeneratedSequence(IReadOnlyList<int> Ids, string FinishReason, double? Score);
+/// <summary>
+/// One finished sequence: ids as HF <c>generate</c> returns them (decoder start token first); with logprobs asked for,
+/// one <see cref="TokenLogprob"/> per id after the start token.
+/// </summary>
+public sealed record GeneratedSequence(IReadOnlyList<int> Ids, string FinishReason, double? Score, IReadOnlyList<TokenLogprob>? Logprobs = null);
 
 /// <summary>
 /// The decoding state of one request: the rows it advances each step (one, or one per beam), their token ids,
@@ -19,12 +22,14 @@ public sealed class DecodingState : IDisposable
     private readonly Random _random;
     private readonly int _maxLength;
     private List<int>[] _rows;
+    // Per row, the logprob of each of its tokens after the start token (only when asked for).
+    private List<TokenLogprob>[]? _rowLogprobs;
     private float[] _beamScores;
     private readonly List<Hypothesis> _hypotheses = [];
     private readonly List<GeneratedSequence> _results = [];
     private int _emitted;
 
-    private sealed record Hypothesis(double Score, List<int> Ids, bool EndedWithEos);
+    private sealed record Hypothesis(double Score, List<int> Ids, bool EndedWithEos, List<TokenLogprob>? Logprobs);
 
     /// <param name="row">This request's row of <paramref name="encoder"/> (requests encoded in one run share its output).</param>
     public DecodingState(Blip2Config config, EncoderOutput encoder, GenerationOptions options, int row = 0)
@@ -36,6 +41,7 @@ public sealed class DecodingState : IDisposable
         _maxLength = 1 + options.MaxNewTokens;
         var rows = options.NumBeams;
         _rows = Enumerable.Range(0, rows).Select(_ => new List<int> { _text.DecoderStartTokenId }).ToArray();
+        if (options.Logprobs) _rowLogprobs = Enumerable.Range(0, rows).Select(_ => new List<TokenLogprob>()).ToArray();
         // HF starts every beam but the first at -1e9 so the first step expands one beam only.
         _beamScores = Enumerable.Range(0, rows).Select(i => i == 0 ? 0f : -1e9f).ToArray();
 
@@ -76,6 +82,9 @@ public sealed class DecodingState : IDisposable
 
     /// <summary>The finished sequences, best first (num_return_sequences of them); empty until finished.</summary>
     public IReadOnlyList<GeneratedSequence> Results => _results;
+
+    /// <summary>The logprobs of the tokens the last <see cref="Advance"/> returned (empty unless asked for).</summary>
+    public IReadOnlyList<TokenLogprob> StableLogprobs { get; private set; } = [];
 
     /// <summary>Last token of every row: the decoder input of the next step.</summary>
     public long[] NextInputIds() => _rows.Select(r => (long)r[^1]).ToArray();
@@ -138,6 +147,8 @@ public sealed class DecodingState : IDisposable
         var scores = logits.Row(0).ToArray();
         var raw = logits.Row(0);
         LogitsProcessors.Process(scores, ids, _options, _text.EosTokenId);
+        // Logprobs are of the processed distribution, before sampling's warping changes the scores in place.
+        var logprobs = _rowLogprobs is null ? null : (float[])scores.Clone();
         int next;
         if (_options.DoSample)
         {
@@ -149,14 +160,22 @@ public sealed class DecodingState : IDisposable
             next = LogitsProcessors.ArgMax(scores);
         }
         ChosenTokenLogits.Add(raw[next]);
+        if (logprobs is not null)
+        {
+            LogitsProcessors.LogSoftmax(logprobs);
+            _rowLogprobs![0].Add(Logprob(logprobs, next));
+        }
         ids.Add(next);
         Hold(present);
         if (next == _text.EosTokenId || ids.Count >= _maxLength)
         {
-            _results.Add(new GeneratedSequence(ids, next == _text.EosTokenId ? "eos" : "length", null));
+            _results.Add(new GeneratedSequence(ids, next == _text.EosTokenId ? "eos" : "length", null, _rowLogprobs?[0]));
             IsFinished = true;
         }
     }
+
+    private TokenLogprob Logprob(ReadOnlySpan<float> logprobs, int token) =>
+        new(token, logprobs[token], LogitsProcessors.TopAlternatives(logprobs, _options.TopLogprobs));
 
     private int Sample(double[] probabilities)
     {
@@ -180,17 +199,24 @@ public sealed class DecodingState : IDisposable
         var vocab = (int)logits.Shape[1];
         var curLen = Length;
         var candidates = new float[beams * vocab];
+        // Each row's processed log-probabilities before its beam score is added (only when logprobs are asked for).
+        var tokenLogprobs = _rowLogprobs is null ? null : new float[beams * vocab];
         for (var b = 0; b < beams; b++)
         {
             var row = candidates.AsSpan(b * vocab, vocab);
             logits.Row(b).CopyTo(row);
             LogitsProcessors.LogSoftmax(row);
             LogitsProcessors.Process(row, _rows[b], _options, _text.EosTokenId);
+            if (tokenLogprobs is not null) row.CopyTo(tokenLogprobs.AsSpan(b * vocab, vocab));
             for (var v = 0; v < vocab; v++) row[v] += _beamScores[b];
         }
+        // A source row's logprobs continued by one token.
+        List<TokenLogprob>? Extended(int source, int token) => tokenLogprobs is null ? null
+            : [.. _rowLogprobs![source], Logprob(tokenLogprobs.AsSpan(source * vocab, vocab), token)];
         var top = TopK(candidates, 2 * beams);
 
         var nextRows = new List<int>[beams];
+        var nextLogprobs = new List<TokenLogprob>[beams];
         var nextScores = new float[beams];
         var sources = new int[beams];
         var filled = 0;
@@ -203,12 +229,13 @@ public sealed class DecodingState : IDisposable
             {
                 // An end-of-sequence outside the top num_beams candidates is not a hypothesis.
                 if (rank >= beams) continue;
-                AddHypothesis(new List<int>(_rows[source]), score, endedWithEos: true);
+                AddHypothesis(new List<int>(_rows[source]), score, endedWithEos: true, Extended(source, token));
             }
             else
             {
                 nextRows[filled] = [.. _rows[source], token];
                 nextScores[filled] = score;
+                nextLogprobs[filled] = Extended(source, token)!;
                 sources[filled] = source;
                 filled++;
             }
@@ -218,18 +245,19 @@ public sealed class DecodingState : IDisposable
 
         _rows = nextRows;
         _beamScores = nextScores;
+        if (_rowLogprobs is not null) _rowLogprobs = nextLogprobs;
         // Each beam continues the history of the row it was chosen from.
         Hold(present with { Rows = sources.Select(b => present.Rows[b]).ToArray() });
 
         if (done || Length >= _maxLength) Finalize(done);
     }
 
-    private void AddHypothesis(List<int> ids, double sumLogProbs, bool endedWithEos)
+    private void AddHypothesis(List<int> ids, double sumLogProbs, bool endedWithEos, List<TokenLogprob>? logprobs)
     {
         var score = sumLogProbs / Math.Pow(ids.Count, _options.LengthPenalty);
         if (_hypotheses.Count < _options.NumBeams || score > WorstScore())
         {
-            _hypotheses.Add(new Hypothesis(score, ids, endedWithEos));
+            _hypotheses.Add(new Hypothesis(score, ids, endedWithEos, logprobs));
             if (_hypotheses.Count > _options.NumBeams) _hypotheses.RemoveAt(IndexOfWorst());
         }
     }
@@ -256,13 +284,13 @@ public sealed class DecodingState : IDisposable
     {
         // Open beams compete with the finished hypotheses unless the search already knew it was done.
         if (!done)
-            for (var b = 0; b < _rows.Length; b++) AddHypothesis(_rows[b], _beamScores[b], endedWithEos: false);
+            for (var b = 0; b < _rows.Length; b++) AddHypothesis(_rows[b], _beamScores[b], endedWithEos: false, _rowLogprobs?[b]);
         // Best first; among equal scores the later-added wins, as Python's stable sort + pop() picks it.
         var ranked = _hypotheses.Select((h, i) => (h, i)).OrderByDescending(x => x.h.Score).ThenByDescending(x => x.i).Select(x => x.h);
         foreach (var h in ranked.Take(_options.NumReturnSequences))
         {
             var ids = h.EndedWithEos ? [.. h.Ids, _text.EosTokenId] : h.Ids;
-            _results.Add(new GeneratedSequence(ids, h.EndedWithEos ? "eos" : "length", h.Score));
+            _results.Add(new GeneratedSequence(ids, h.EndedWithEos ? "eos" : "length", h.Score, h.Logprobs));
         }
         IsFinished = true;
     }
@@ -272,6 +300,9 @@ public sealed class DecodingState : IDisposable
     {
         IReadOnlyList<int> settled = IsFinished ? _results[0].Ids : CommonPrefix();
         var fresh = settled.Skip(1 + _emitted).ToList();
+        // A settled prefix is row 0's prefix too, and a token's logprob depends only on the tokens before it.
+        var logprobs = IsFinished ? _results[0].Logprobs : _rowLogprobs?[0];
+        StableLogprobs = logprobs is null ? [] : logprobs.Skip(_emitted).Take(fresh.Count).ToList();
         _emitted += fresh.Count;
         return fresh;
     }

@@ -21,19 +21,32 @@ public sealed class Generator(Blip2Model model)
 
     /// <summary>
     /// Encodes several requests in one T5 encoder run (prompts padded, each row masked to its own tokens) and prepares
-    /// each one's decoding state: the same states, step for step, as <see cref="Start"/> gives each alone.
+    /// each one's decoding states: one state (greedy, or beam search returning its best num_return_sequences beams),
+    /// or one per sample when sampling asks for several answers (sample i draws with seed + i, so the first of n
+    /// samples is the one a single sample with the same seed gives). The same states, step for step, as each request
+    /// encoded alone gives.
     /// </summary>
-    public IReadOnlyList<DecodingState> StartBatch(IReadOnlyList<(FloatTensor QueryEmbeds, IReadOnlyList<int> PromptIds, GenerationOptions Options)> requests)
+    public IReadOnlyList<IReadOnlyList<DecodingState>> StartBatch(IReadOnlyList<(FloatTensor QueryEmbeds, IReadOnlyList<int> PromptIds, GenerationOptions Options)> requests)
     {
         foreach (var request in requests)
         {
             request.Options.Validate();
             if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt must hold at least the end-of-sequence token");
         }
-        if (requests.Count == 1) return [Start(requests[0].QueryEmbeds, requests[0].PromptIds, requests[0].Options)];
         var encoded = model.Encode(FloatTensor.Stack(requests.Select(r => r.QueryEmbeds).ToList()), requests.Select(r => r.PromptIds).ToList());
-        return requests.Select((r, row) => new DecodingState(model.Config, encoded, r.Options, row)).ToList();
+        return requests.Select((r, row) => StatesOf(encoded, row, r.Options)).ToList();
     }
+
+    /// <summary>The decoding states of one request, from one encoder run (see <see cref="StartBatch"/>).</summary>
+    public IReadOnlyList<DecodingState> StartRequest(FloatTensor queryEmbeds, IReadOnlyList<int> promptIds, GenerationOptions options) =>
+        StartBatch([(queryEmbeds, promptIds, options)])[0];
+
+    private IReadOnlyList<DecodingState> StatesOf(EncoderOutput encoded, int row, GenerationOptions options) =>
+        !options.DoSample || options.NumReturnSequences == 1
+            ? [new DecodingState(model.Config, encoded, options, row)]
+            : Enumerable.Range(0, options.NumReturnSequences)
+                .Select(i => new DecodingState(model.Config, encoded, options with { NumReturnSequences = 1, Seed = options.Seed + i }, row))
+                .ToList();
 
     /// <summary>Advances one request by one decoder step; returns the tokens that became final.</summary>
     public IReadOnlyList<int> Step(DecodingState state) => Step([state])[0];

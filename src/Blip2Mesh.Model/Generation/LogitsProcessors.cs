@@ -110,4 +110,21 @@ internal static class LogitsProcessors
             if (scores[i] > scores[best]) best = i;
         return best;
     }
+
+    /// <summary>The <paramref name="k"/> highest of <paramref name="logprobs"/>, best first; equal values keep the lower id first.</summary>
+    public static TokenAlternative[] TopAlternatives(ReadOnlySpan<float> logprobs, int k)
+    {
+        if (k == 0) return [];
+        var top = new List<TokenAlternative>(k + 1);
+        for (var i = 0; i < logprobs.Length; i++)
+        {
+            var value = logprobs[i];
+            if (float.IsNegativeInfinity(value) || (top.Count == k && value <= top[^1].Logprob)) continue;
+            var at = top.Count;
+            while (at > 0 && top[at - 1].Logprob < value) at--;
+            top.Insert(at, new TokenAlternative(i, value));
+            if (top.Count > k) top.RemoveAt(k);
+        }
+        return [.. top];
+    }
 }

@@ -26,7 +26,7 @@ public sealed class PromptEncoder
     private const int ProbeRows = 4;
 
     private readonly Generator _generator;
-    private readonly DynamicBatcher<(FloatTensor Queries, IReadOnlyList<int> PromptIds, GenerationOptions Options), DecodingState>? _batcher;
+    private readonly DynamicBatcher<(FloatTensor Queries, IReadOnlyList<int> PromptIds, GenerationOptions Options), IReadOnlyList<DecodingState>>? _batcher;
 
     /// <param name="maxBatch">Most requests encoded in one run.</param>
     public PromptEncoder(Generator generator, EncoderBatching mode, int maxBatch, ExecutionDevice device)
@@ -43,7 +43,7 @@ public sealed class PromptEncoder
             ? $"T5 encoder batching {(batch ? "on" : "off")}: {ProbeRows} rows in one run cost {MeasuredShareOfSingles:P0} of {ProbeRows} single runs (on below {PaysBelow:P0})"
             : $"T5 encoder batching {(batch ? "on" : "off")} ({(mode == EncoderBatching.Auto ? "always on CUDA" : "as configured")})";
         if (batch && maxBatch > 1)
-            _batcher = new DynamicBatcher<(FloatTensor, IReadOnlyList<int>, GenerationOptions), DecodingState>(_generator.StartBatch, maxBatch, TimeSpan.Zero);
+            _batcher = new DynamicBatcher<(FloatTensor, IReadOnlyList<int>, GenerationOptions), IReadOnlyList<DecodingState>>(_generator.StartBatch, maxBatch, TimeSpan.Zero);
     }
 
     /// <summary>What was decided and why, for the start-up log.</summary>
@@ -52,11 +52,11 @@ public sealed class PromptEncoder
     /// <summary>The measured cost of a batch of <see cref="ProbeRows"/> against as many single runs (NaN when not measured).</summary>
     public double MeasuredShareOfSingles { get; private set; } = double.NaN;
 
-    /// <summary>The request's decoding state, its prompt encoded alone or with the requests that arrived with it.</summary>
-    public async Task<DecodingState> StartAsync(FloatTensor queries, IReadOnlyList<int> promptIds, GenerationOptions options, CancellationToken cancellation)
+    /// <summary>The request's decoding states (<see cref="Generator.StartRequest"/>), its prompt encoded alone or with the requests that arrived with it.</summary>
+    public async Task<IReadOnlyList<DecodingState>> StartAsync(FloatTensor queries, IReadOnlyList<int> promptIds, GenerationOptions options, CancellationToken cancellation)
     {
-        if (_batcher is null) return _generator.Start(queries, promptIds, options);
-        // The batch runs whether or not this caller still waits: a state nobody takes lets go of its cache.
+        if (_batcher is null) return _generator.StartRequest(queries, promptIds, options);
+        // The batch runs whether or not this caller still waits: states nobody takes let go of their cache.
         var started = _batcher.RunAsync((queries, promptIds, options), CancellationToken.None);
         try
         {
@@ -64,7 +64,7 @@ public sealed class PromptEncoder
         }
         catch (OperationCanceledException)
         {
-            _ = started.ContinueWith(t => t.Result.Dispose(), CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
+            _ = started.ContinueWith(t => { foreach (var state in t.Result) state.Dispose(); }, CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
             throw;
         }
     }
