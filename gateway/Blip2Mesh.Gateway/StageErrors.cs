@@ -17,7 +17,8 @@ public static class StageErrors
     /// <summary>The same call may succeed on another attempt or replica: the stage is overloaded, down or unreachable.</summary>
     public static bool IsTransient(Exception e) => e switch
     {
-        RpcException r => r.StatusCode is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.Aborted
+        // A stage that cancelled a call its caller still waits for (stopping, or a reset stream) may serve it elsewhere.
+        RpcException r => r.StatusCode is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.Aborted or StatusCode.Cancelled
             // A stage that dies mid-call, or a connection reset, reaches the client as INTERNAL or UNKNOWN unless the
             // stage itself said so.
             || (r.StatusCode is StatusCode.Internal or StatusCode.Unknown && !ServingErrors.IsOurs(r)),
@@ -46,8 +47,9 @@ public static class StageErrors
             BrokenCircuitException => ServingException.Unavailable($"{stage} stage is unavailable (it failed repeatedly; calls resume shortly): try again later"),
             TimeoutRejectedException => ServingException.Unavailable($"{stage} stage did not answer in time: try again later"),
             _ when IsTransient(e) => ServingException.Unavailable($"{stage} stage is unavailable (no replica answered): try again later"),
-            // A status that is not ours (a stage of another version, a proxy in between): nothing of it is passed on.
-            _ => ServingErrors.Create(StatusCode.Internal, $"{stage} stage failed unexpectedly (the gateway log has the details)"),
+            // A status that is not ours (a stage of another version, a proxy in between): nothing of it is passed on;
+            // the gateway's log gets it.
+            _ => new ServingException(ErrorKind.Internal, $"{stage} stage failed unexpectedly (the gateway log has the details)", cause: e),
         };
     }
 }

@@ -27,6 +27,7 @@ public static class ServingErrors
         ErrorKind.Overloaded => StatusCode.ResourceExhausted,
         ErrorKind.Unavailable => StatusCode.Unavailable,
         ErrorKind.DeadlineExceeded => StatusCode.DeadlineExceeded,
+        ErrorKind.Internal => StatusCode.Internal,
         _ => StatusCode.Internal,
     };
 
@@ -134,8 +135,9 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
                 status = ServingErrors.Create(StatusCode.Internal, "internal error: the request could not be completed (the server log has the details)");
                 break;
         }
+        // The cause (a stage's failure the caller was told of in words) goes to this log only.
         if (e is ServingException or RpcException)
-            logger.LogWarning("{Method} answered {Status}: {Detail} (request id {RequestId})", context.Method, status.StatusCode, status.Status.Detail, RequestId(context));
+            logger.LogWarning(e.InnerException, "{Method} answered {Status}: {Detail} (request id {RequestId})", context.Method, status.StatusCode, status.Status.Detail, RequestId(context));
         Record(context, clock, status.StatusCode);
         return status;
     }

@@ -17,6 +17,8 @@ public enum ErrorKind
     Unavailable,
     /// <summary>The caller's deadline passed before the work was done.</summary>
     DeadlineExceeded,
+    /// <summary>Something failed that the caller can do nothing about (the server log has the cause).</summary>
+    Internal,
 }
 
 /// <summary>
@@ -24,7 +26,7 @@ public enum ErrorKind
 /// internal addresses), <see cref="Field"/> the request field at fault, if one is. Raised where the decision is made;
 /// mapped to a status in one place (ServiceDefaults' ServingErrors).
 /// </summary>
-public class ServingException(ErrorKind kind, string message, string? field = null) : Exception(message)
+public class ServingException(ErrorKind kind, string message, string? field = null, Exception? cause = null) : Exception(message, cause)
 {
     public ErrorKind Kind { get; } = kind;
     public string? Field { get; } = field;
