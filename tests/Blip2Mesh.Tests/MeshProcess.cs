@@ -17,11 +17,12 @@ public sealed partial class MeshProcess : IDisposable
     public string Log => _log.ToString();
     private readonly System.Text.StringBuilder _log = new();
 
-    public MeshProcess(string model, int decoderReplicas = 1)
+    /// <param name="extra">More <c>up</c> options (e.g. <c>--weights int8</c>).</param>
+    public MeshProcess(string model, int decoderReplicas = 1, params string[] extra)
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
-        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString()])
+        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString(), .. extra])
             start.ArgumentList.Add(arg);
         _process = Process.Start(start)!;
         _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
