@@ -17,12 +17,13 @@ public sealed partial class MeshProcess : IDisposable
     public string Log => _log.ToString();
     private readonly System.Text.StringBuilder _log = new();
 
-    public MeshProcess(string model, int decoderReplicas = 1, IReadOnlyDictionary<string, string>? environment = null)
+    /// <param name="extra">More <c>up</c> options (e.g. <c>--weights int8</c>).</param>
+    public MeshProcess(string model, int decoderReplicas = 1, IReadOnlyDictionary<string, string>? environment = null, params string[] extra)
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var (name, value) in environment ?? new Dictionary<string, string>()) start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
-        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString()])
+        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString(), .. extra])
             start.ArgumentList.Add(arg);
         _process = Process.Start(start)!;
         _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };

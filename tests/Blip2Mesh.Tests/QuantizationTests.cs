@@ -340,3 +340,37 @@ public sealed class QuantizedWeightCacheTests : IDisposable
         Assert.Equal(wideScales, narrowScales);
     }
 }
+
+/// <summary><c>up --weights int8</c>: every model stage loads quantized, says so, and the mesh answers as the in-process int8 pipeline does.</summary>
+public sealed class QuantizedMeshTests : IDisposable
+{
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    [Fact]
+    public async Task TheMeshServesTheQuantizedWeightsAndLabelsThemApproximate()
+    {
+        var execution = new ExecutionOptions { Weights = WeightScheme.Parse("int8"), WeightCache = _cache.Root };
+        using var pipeline = Blip2Pipeline.Load(Fixtures.Demo, execution);
+        using var mesh = new MeshProcess(Fixtures.Demo, 1, null, "--weights", "int8", "--cache-dir", _cache.Root);
+        foreach (var stage in new[] { "vision", "qformer", "decoder-0" })
+            Assert.Contains($"[{stage}]", mesh.Log.Split('\n').First(l => l.Contains("with weights int8 (approximate); serving") && l.Contains($"[{stage}]")));
+
+        var client = MeshClients.Gateway(mesh.GatewayAddress, out var channel);
+        using var _ = channel;
+        var options = new Contracts.V1.GenerationOptions { MaxNewTokens = DemoReferences.Options.MaxNewTokens };
+        foreach (var (file, cases) in DemoReferences.Sets["samples"])
+        {
+            var image = File.ReadAllBytes(cases[0].Image);
+            var queries = pipeline.EmbedImage(image);
+            foreach (var c in cases)
+            {
+                var expected = pipeline.Generate(queries, c.Prompt, DemoReferences.Options).Last().Final!;
+                var answer = await MeshClients.AskAsync(client, MeshClients.Request(image, c.Prompt, options));
+                Assert.Null(answer.Error);
+                Assert.Equal(expected.Best.Ids.Skip(1), answer.TokenIds);
+            }
+        }
+    }
+}
