@@ -257,4 +257,19 @@ public sealed class OpenAiTests(OpenAiTests.TinyMesh mesh) : IClassFixture<OpenA
         Assert.Equal(400, refused.GetProperty("status").GetInt32());
         Assert.Equal("frequency_penalty", refused.GetProperty("error").GetProperty("param").GetString());
     }
+
+    [Fact]
+    public void TheCliCaptionsWithAStopStringAndPrintsSeveralAnswers()
+    {
+        var image = Path.Combine(Fixtures.TinyA, Fixtures.Image(Checkpoint, 0).GetProperty("file").GetString()!);
+        var stopped = CliProcess.Run("caption", image, "--addr", mesh.Gateway, "--stop", "415");
+        Assert.Equal(0, stopped.ExitCode);
+        Assert.Equal("X 182 \n", stopped.Stdout);
+        var beams = CliProcess.Run("caption", image, "--addr", mesh.Gateway, "--prompt", "a photo of", "--num-beams", "4", "--num-return-sequences", "3");
+        Assert.Equal(0, beams.ExitCode);
+        var lines = beams.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal(3, lines.Length);
+        Assert.Equal("[0] " + Fixtures.Prompt(Checkpoint, 0, 1).GetProperty("beam").GetProperty("text").GetString(), lines[0]);
+        Assert.StartsWith("[2] ", lines[2]);
+    }
 }
