@@ -27,13 +27,13 @@ up:
 	scripts/install-deps.sh run
 	./blip2mesh up --model $(MODEL) --port $(PORT)$(if $(HTTP_PORT), --http-port $(HTTP_PORT))
 
-# The browser playground end to end: starts the mesh, drives Debian's chromium (apt-get install -y chromium
+# The browser playground and the OpenAI SDK (tests/e2e/openai.spec.mjs) end to end: starts the mesh, drives Debian's chromium (apt-get install -y chromium
 # fonts-dejavu-core; CHROMIUM=PATH to use another) with playwright-core, writes docs/playground.png
 # (or PLAYGROUND_SCREENSHOT).
 e2e-browser:
 	npm ci --prefix tests/e2e --no-audit --no-fund
 	./blip2mesh --help >/dev/null
-	node --test tests/e2e/playground.spec.mjs
+	node --test tests/e2e/playground.spec.mjs tests/e2e/openai.spec.mjs
 
 # The GPU kit (docs/gpu.md): the CLI self-contained with ONNX Runtime's CUDA provider, for GPU machines without .NET,
 # in parts of at most 40 MiB under out/gpu-kit/parts (GPU_ARCH=90 by default: the H200's kernels only; GPU_ARCH=all).

@@ -16,7 +16,10 @@ internal static class CaptionCommand
         var prompt = args.Optional("prompt") ?? "";
         var apiKey = args.Optional("api-key") ?? Environment.GetEnvironmentVariable("BLIP2MESH_API_KEY");
         var options = ToProto(ModelInputs.FromFlags(args).Validate());
+        if (args.Optional("stop") is { } stop) options.Stop.Add(stop);
         args.EnsureAllUsed();
+        // One answer streams as it comes; several (their messages interleave) print one per line once complete.
+        var answers = new SortedDictionary<int, string>();
 
         using var client = new Blip2Client(address, apiKey);
         var answered = false;
@@ -26,10 +29,18 @@ internal static class CaptionCommand
             while (stream.MoveNextAsync().AsTask().GetAwaiter().GetResult())
             {
                 answered = true;
-                Console.Out.Write(stream.Current.Text);
+                var r = stream.Current;
+                if (options.NumReturnSequences > 1)
+                {
+                    answers[r.Index] = answers.GetValueOrDefault(r.Index, "") + r.Text;
+                    continue;
+                }
+                Console.Out.Write(r.Text);
                 Console.Out.Flush();
             }
-            Console.Out.WriteLine();
+            if (options.NumReturnSequences > 1)
+                foreach (var (index, text) in answers) Console.Out.WriteLine($"[{index}] {text}");
+            else Console.Out.WriteLine();
             return 0;
         }
         catch (RpcException e)
@@ -62,6 +73,7 @@ internal static class CaptionCommand
             LengthPenalty = o.LengthPenalty, NoRepeatNgramSize = o.NoRepeatNgramSize,
         };
         if (o.Seed is { } seed) proto.Seed = seed;
+        if (o.NumReturnSequences != 1) proto.NumReturnSequences = o.NumReturnSequences;
         return proto;
     }
 }

@@ -31,8 +31,10 @@ Command[] commands =
         {{GenerationOptions}}
         """, GenerateCommand.Run),
     new("caption", "ask a running gateway (blip2mesh up) about an image", $"""
-        usage: blip2mesh caption IMAGE [--prompt TEXT] [--addr HOST:PORT (127.0.0.1:50051)] [--api-key KEY] [generation options]
-        Streams the gateway's answer; --api-key (or BLIP2MESH_API_KEY) when the gateway requires one.
+        usage: blip2mesh caption IMAGE [--prompt TEXT] [--addr HOST:PORT (127.0.0.1:50051)] [--api-key KEY] [--stop TEXT]
+                                 [generation options]
+        Streams the gateway's answer; --api-key (or BLIP2MESH_API_KEY) when the gateway requires one. --stop ends the
+        answer before TEXT. With --num-return-sequences N > 1 (beams, or --do-sample) prints "[i] answer" per line.
         {GenerationOptions}
         """, CaptionCommand.Run),
     new("up", "the whole mesh on 127.0.0.1, until Ctrl-C", """

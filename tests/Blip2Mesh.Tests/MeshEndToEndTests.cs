@@ -36,7 +36,7 @@ public sealed class MeshEndToEndTests(MeshEndToEndTests.TinyMesh mesh) : IClassF
             prompt = Fixtures.Prompt(Checkpoint, c.Image, c.Prompt).GetProperty("prompt").GetString(),
             options = new { num_beams = c.Beams },
         })));
-        var lines = RunPython(Path.Combine(Fixtures.RepoRoot, "tests", "e2e", "blip2_client.py"), mesh.Mesh.GatewayAddress, requests);
+        var lines = PythonClients.Run(Path.Combine(Fixtures.RepoRoot, "tests", "e2e", "blip2_client.py"), mesh.Mesh.GatewayAddress, requests);
         File.Delete(requests);
 
         Assert.Equal(cases.Count, lines.Count);
@@ -50,18 +50,6 @@ public sealed class MeshEndToEndTests(MeshEndToEndTests.TinyMesh mesh) : IClassF
             Assert.Equal(expected.GetProperty("text").GetString(), result.GetProperty("text").GetString());
             Assert.Equal(expected.GetProperty("ended_with_eos").GetBoolean() ? "eos" : "length", result.GetProperty("finish_reason").GetString());
         }
-    }
-
-    private static List<JsonElement> RunPython(params string[] args)
-    {
-        var start = new ProcessStartInfo("/usr/bin/python3") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var arg in args) start.ArgumentList.Add(arg);
-        using var process = Process.Start(start)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        Assert.True(process.WaitForExit(TimeSpan.FromMinutes(3)), "python client timed out");
-        Assert.True(process.ExitCode == 0, $"python client failed: {stderr.Result}");
-        return stdout.Result.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement).ToList();
     }
 
     [Fact]

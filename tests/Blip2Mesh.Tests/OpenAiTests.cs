@@ -236,4 +236,40 @@ public sealed class OpenAiTests(OpenAiTests.TinyMesh mesh) : IClassFixture<OpenA
         Assert.Equal(status == 400 || status == 404 ? "invalid_request_error" : "server_error", error.GetProperty("type").GetString());
         Assert.DoesNotContain("Exception", error.GetProperty("message").GetString());
     }
+
+    [Fact]
+    public void PythonsStandardLibraryGetsHuggingFacesAnswerPlainAndStreamed()
+    {
+        var expected = Fixtures.Prompt(Checkpoint, 2, 1).GetProperty("greedy");
+        var image = Path.Combine(Fixtures.TinyA, Fixtures.Image(Checkpoint, 2).GetProperty("file").GetString()!);
+        var lines = PythonClients.Run(Path.Combine(Fixtures.RepoRoot, "tests", "e2e", "openai_urllib.py"), mesh.Http.BaseAddress!.ToString().TrimEnd('/'), image, "a photo of");
+        var (plain, streamed, refused) = (lines[0], lines[1], lines[2]);
+        var finish = expected.GetProperty("ended_with_eos").GetBoolean() ? "stop" : "length";
+        var generated = Fixtures.Ints(expected.GetProperty("ids")).Length - 1;
+        foreach (var answer in new[] { plain, streamed })
+        {
+            Assert.Equal(expected.GetProperty("text").GetString(), answer.GetProperty("text").GetString());
+            Assert.Equal(finish, answer.GetProperty("finish_reason").GetString());
+            Assert.Equal(generated, answer.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        }
+        Assert.Equal(plain.GetProperty("id").GetString(), plain.GetProperty("x_request_id").GetString());
+        Assert.True(streamed.GetProperty("chunks").GetInt32() > 2);
+        Assert.Equal(400, refused.GetProperty("status").GetInt32());
+        Assert.Equal("frequency_penalty", refused.GetProperty("error").GetProperty("param").GetString());
+    }
+
+    [Fact]
+    public void TheCliCaptionsWithAStopStringAndPrintsSeveralAnswers()
+    {
+        var image = Path.Combine(Fixtures.TinyA, Fixtures.Image(Checkpoint, 0).GetProperty("file").GetString()!);
+        var stopped = CliProcess.Run("caption", image, "--addr", mesh.Gateway, "--stop", "415");
+        Assert.Equal(0, stopped.ExitCode);
+        Assert.Equal("X 182 \n", stopped.Stdout);
+        var beams = CliProcess.Run("caption", image, "--addr", mesh.Gateway, "--prompt", "a photo of", "--num-beams", "4", "--num-return-sequences", "3");
+        Assert.Equal(0, beams.ExitCode);
+        var lines = beams.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal(3, lines.Length);
+        Assert.Equal("[0] " + Fixtures.Prompt(Checkpoint, 0, 1).GetProperty("beam").GetProperty("text").GetString(), lines[0]);
+        Assert.StartsWith("[2] ", lines[2]);
+    }
 }

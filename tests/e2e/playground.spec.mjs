@@ -7,17 +7,15 @@
 // phone-sized one goes next to it as playground-phone.png).
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { chromium } from "playwright-core";
+import { freePorts, root, startGateway, startMesh, startProcess } from "./mesh.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const MODEL = "models/blip2-demo";
 const SAMPLE = path.join(root, MODEL, "samples/sample000.png");
@@ -26,81 +24,9 @@ const SCREENSHOT = path.resolve(root, process.env.PLAYGROUND_SCREENSHOT || "docs
 const PHONE_SCREENSHOT = path.join(path.dirname(SCREENSHOT), "playground-phone.png");
 const PHONE = { width: 390, height: 844 };
 const API_KEY = "playground-test-key";
-const START_TIMEOUT_MS = 300_000;   // ./blip2mesh builds the CLI first when the sources changed
 const ANSWER_TIMEOUT_MS = 60_000;
 
-// ---- processes -----------------------------------------------------------------------------------------------------
-
-const children = new Set();
-// Last resort if this process dies without running the after() hooks: no mesh is left behind.
-process.on("exit", () => { for (const child of children) killGroup(child, "SIGKILL"); });
-for (const signal of ["SIGINT", "SIGTERM"]) process.on(signal, () => process.exit(130));
-
-function killGroup(child, signal) {
-  try { process.kill(-child.pid, signal); } catch { /* already gone */ }
-}
-
-async function freePorts(count) {
-  const servers = await Promise.all(Array.from({ length: count }, () => new Promise((resolve, reject) => {
-    const server = createServer().once("error", reject);
-    server.listen(0, "127.0.0.1", () => resolve(server));
-  })));
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  return ports;
-}
-
-/** Starts ./blip2mesh ARGS in its own process group; resolves once a stdout line matches `ready`. */
-async function startProcess(args, ready) {
-  const child = spawn("./blip2mesh", args, { cwd: root, detached: true, stdio: ["ignore", "pipe", "pipe"] });
-  children.add(child);
-  let stdout = "";
-  let stderr = "";
-  const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
-  child.stderr.on("data", (d) => { stderr = (stderr + d).slice(-8000); });
-  const stop = async () => {
-    if (!children.has(child)) return;
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill("SIGTERM");   // `up` stops every service it started
-      const timer = setTimeout(() => killGroup(child, "SIGKILL"), 45_000);
-      await exited;
-      clearTimeout(timer);
-    }
-    killGroup(child, "SIGKILL");   // anything the process left in its group
-    children.delete(child);
-  };
-  const line = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${args[0]} not ready after ${START_TIMEOUT_MS} ms\n${stderr}`)), START_TIMEOUT_MS);
-    child.stdout.on("data", (d) => {
-      stdout += d;
-      const match = stdout.split("\n").find((l) => ready.test(l));
-      if (match) { clearTimeout(timer); resolve(match); }
-    });
-    exited.then(({ code, signal }) => {
-      clearTimeout(timer);
-      reject(new Error(`./blip2mesh ${args[0]} exited (${code ?? signal}) before it was ready\n${stderr}`));
-    });
-  }).catch(async (e) => { await stop(); throw e; });
-  child.stdout.resume();
-  return { child, stdout: () => stdout, line, stop };
-}
-
-async function startMesh() {
-  const [port, httpPort] = await freePorts(2);
-  const mesh = await startProcess(["up", "--model", MODEL, "--port", String(port), "--http-port", String(httpPort)], /^ready /);
-  // "service NAME ADDRESS" lines: where each stage listens, for gateways of the tests' own in front of them.
-  const stages = Object.fromEntries(mesh.stdout().split("\n").map((l) => l.split(" ")).filter((p) => p[0] === "service")
-    .map(([, name, address]) => [name, address]));
-  return { ...mesh, stages, grpc: `127.0.0.1:${port}`, http: `http://127.0.0.1:${httpPort}` };
-}
-
-/** A lone gateway with ARGS in front of the mesh's stages; resolves once it serves. */
-async function startGateway(mesh, args) {
-  const [port, httpPort] = await freePorts(2);
-  const gateway = await startProcess(["serve", "gateway", "--model", MODEL, "--port", String(port), "--http-port", String(httpPort),
-    "--vision", mesh.stages.vision, "--qformer", mesh.stages.qformer, "--decoder", mesh.stages["decoder-0"], ...args], /Application started/);
-  return { ...gateway, http: `http://127.0.0.1:${httpPort}` };
-}
+// ---- processes ---------------------------------------------------------------------------------------------------
 
 /** The answer the gRPC API gives for IMAGE and PROMPT with default options, from the CLI's own gRPC client. */
 async function grpcAnswer(address, image, prompt, options = []) {
@@ -193,7 +119,7 @@ describe("browser playground", () => {
 
   before(async () => {
     scratch = await mkdtemp(path.join(tmpdir(), "blip2mesh-e2e-"));
-    mesh = await startMesh();
+    mesh = await startMesh(MODEL);
     browser = await launchBrowser();
   });
 
@@ -306,7 +232,7 @@ describe("browser playground", () => {
   test("with API keys on the gateway: the key field, kept in sessionStorage only", async () => {
     const keys = path.join(scratch, "api-keys");
     await writeFile(keys, `# the playground test's key\n${API_KEY}\n`);
-    const gateway = await startGateway(mesh, ["--api-keys-file", keys]);
+    const gateway = await startGateway(mesh, MODEL, ["--api-keys-file", keys]);
     try {
       // Without a key the page says what it needs (the 401 for /v1/limits is the gateway's answer, not a fault).
       const { page, problems, requests } = await openPlayground(browser.context, gateway.http, { limits: "needs-key" });
