@@ -68,6 +68,7 @@ public static partial class OpenAiEndpoints
     private static async Task ChatCompletions(HttpContext context, ApiKeys keys, ServedModel model, GenerationPath generation,
         GatewayOptions gateway, ILogger<GenerationPath> logger)
     {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
         // The caller's own x-request-id is echoed; a new one is the completion's id.
         var requestId = RequestIds.FromHeader(context.Request.Headers[RequestIds.Header], newPrefix: "chatcmpl-");
         var completionId = requestId.StartsWith("chatcmpl-", StringComparison.Ordinal) ? requestId : "chatcmpl-" + requestId;
@@ -94,6 +95,7 @@ public static partial class OpenAiEndpoints
             var prompt = usage?.PromptTokens ?? 0;
             var completion = usage?.GeneratedTokens ?? 0;
             var totals = new { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion };
+            ServingErrors.RecordPublicRequest("ChatCompletions", StatusCode.OK, clock.Elapsed.TotalMilliseconds);
             if (stream is not null)
             {
                 await stream.End(totals);
@@ -125,6 +127,18 @@ public static partial class OpenAiEndpoints
                 _ => (StatusCodes.Status500InternalServerError, "internal error: the request could not be completed (the server log has the details)", (string?)null, (string?)null),
             };
             if (status == StatusCodes.Status500InternalServerError) logger.LogError(e, "chat completion {RequestId} failed", requestId);
+            ServingErrors.RecordPublicRequest("ChatCompletions", e switch
+            {
+                ServingException serving => ServingErrors.Code(serving.Kind),
+                RpcException rpc => rpc.StatusCode,
+                _ => status switch
+                {
+                    StatusCodes.Status400BadRequest or StatusCodes.Status413RequestEntityTooLarge => StatusCode.InvalidArgument,
+                    StatusCodes.Status401Unauthorized => StatusCode.Unauthenticated,
+                    StatusCodes.Status404NotFound => StatusCode.NotFound,
+                    _ => StatusCode.Internal,
+                },
+            }, clock.Elapsed.TotalMilliseconds);
             var openAiParam = param is not null && ParamNames.TryGetValue(param, out var renamed) ? renamed : param;
             // A generation option's sentence starts with its internal name; the caller set the chat field.
             if (param is not null && openAiParam != param && message.StartsWith(param + ":", StringComparison.Ordinal))

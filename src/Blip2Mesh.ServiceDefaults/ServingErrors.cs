@@ -62,6 +62,14 @@ public static class ServingErrors
         _ => code.ToString().ToUpperInvariant(),
     };
 
+    /// <summary>Counts and times one public API request by method and status (every API records its requests here).</summary>
+    public static void RecordPublicRequest(string method, StatusCode code, double milliseconds)
+    {
+        var tags = new TagList { { "method", method }, { "status", CodeName(code) } };
+        MeshTelemetry.RequestDuration.Record(milliseconds, tags);
+        MeshTelemetry.Requests.Add(1, tags);
+    }
+
     /// <summary>Whether a status was made by <see cref="Create"/> (in this process or a stage's).</summary>
     public static bool IsOurs(RpcException e) => e.Trailers.Get(MarkerTrailer) is not null;
 
@@ -146,13 +154,7 @@ public sealed class ServingErrorInterceptor(ILogger<ServingErrorInterceptor> log
 
     private static void Record(ServerCallContext context, Stopwatch clock, StatusCode code)
     {
-        if (!context.Method.StartsWith(PublicApi, StringComparison.Ordinal)) return;
-        var tags = new TagList
-        {
-            { "method", context.Method[(context.Method.LastIndexOf('/') + 1)..] },
-            { "status", ServingErrors.CodeName(code) },
-        };
-        MeshTelemetry.RequestDuration.Record(clock.Elapsed.TotalMilliseconds, tags);
-        MeshTelemetry.Requests.Add(1, tags);
+        if (context.Method.StartsWith(PublicApi, StringComparison.Ordinal))
+            ServingErrors.RecordPublicRequest(context.Method[(context.Method.LastIndexOf('/') + 1)..], code, clock.Elapsed.TotalMilliseconds);
     }
 }

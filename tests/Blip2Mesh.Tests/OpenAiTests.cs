@@ -92,6 +92,21 @@ public sealed class OpenAiTests(OpenAiTests.TinyMesh mesh) : IClassFixture<OpenA
     }
 
     [Fact]
+    public async Task ChatCompletionsAreCountedByStatusInTheRequestMetrics()
+    {
+        const string refused = "blip2mesh_gateway_requests_total{otel_scope_name=\"Blip2Mesh\",method=\"ChatCompletions\",status=\"INVALID_ARGUMENT\"}";
+        async Task<double> Count()
+        {
+            var line = (await mesh.Http.GetStringAsync("/metrics")).Split('\n').FirstOrDefault(l => l.StartsWith(refused, StringComparison.Ordinal));
+            return line is null ? 0 : double.Parse(line[(line.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture);
+        }
+        var before = await Count();
+        using var response = await mesh.Http.PostAsJsonAsync("/v1/chat/completions", new { model = "x", messages = Array.Empty<object>(), tools = Array.Empty<object>() });
+        Assert.Equal(System.Net.HttpStatusCode.BadRequest, response.StatusCode);
+        Assert.True(await Count() >= before + 1, "the refused chat completion was not counted");
+    }
+
+    [Fact]
     public async Task GrpcReturnsTheBestBeamsWithLogprobsAndTheRequestIdFirstAndLast()
     {
         var reference = Fixtures.Prompt(Checkpoint, 0, 1).GetProperty("beam");
