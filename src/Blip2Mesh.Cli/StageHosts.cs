@@ -1,7 +1,7 @@
-using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.Decoder;
 using Blip2Mesh.Gateway;
 using Blip2Mesh.Model.Generation;
+using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.QFormer;
 using Blip2Mesh.ServiceDefaults;
 using Blip2Mesh.Vision;

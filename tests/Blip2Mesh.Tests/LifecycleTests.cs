@@ -26,14 +26,19 @@ public sealed class LifecycleTests(ITestOutputHelper output) : IDisposable
         }
         var vision = Serve("vision");
         var qformer = Serve("qformer");
-        var decoder = Serve("decoder");
-        return (decoder, Serve("gateway", "--vision", vision.Address, "--qformer", qformer.Address, "--decoder", decoder.Address));
+        string[] limit = ["--max-new-tokens-limit", LongTokens.ToString()];
+        var decoder = Serve("decoder", limit);
+        return (decoder, Serve("gateway", ["--vision", vision.Address, "--qformer", qformer.Address, "--decoder", decoder.Address, .. limit]));
     }
 
     private static byte[] TinyImage => File.ReadAllBytes(Path.Combine(Fixtures.TinyA, Fixtures.Image("blip2-tiny-a", 0).GetProperty("file").GetString()!));
 
-    /// <summary>A request that decodes for a long time: 512 tokens, no early end.</summary>
-    private static GenerateRequest LongRequest => MeshClients.Request(TinyImage, "a photo of", new Contracts.V1.GenerationOptions { MaxNewTokens = 512, MinNewTokens = 512 });
+    /// <summary>
+    /// A request that decodes for a long time (no early end): seconds even on a quiet machine, so a cancel that takes
+    /// effect in well under a second is told apart from one that never does.
+    /// </summary>
+    private const int LongTokens = 4096;
+    private static GenerateRequest LongRequest => MeshClients.Request(TinyImage, "a photo of", new Contracts.V1.GenerationOptions { MaxNewTokens = LongTokens, MinNewTokens = LongTokens });
 
     [Fact]
     public async Task TokensStreamWhileTheAnswerIsDecoded()
@@ -43,9 +48,9 @@ public sealed class LifecycleTests(ITestOutputHelper output) : IDisposable
         using var _ = channel;
         var answer = await MeshClients.AskAsync(client, LongRequest);
         Assert.Null(answer.Error);
-        Assert.Equal(("length", 512), (answer.FinishReason, answer.TokenIds.Length));
+        Assert.Equal(("length", LongTokens), (answer.FinishReason, answer.TokenIds.Length));
         // Each message carries what was decoded since the last was sent: many messages, never the whole answer at once.
-        Assert.True(answer.Messages > 10, $"{answer.Messages} messages for 512 tokens");
+        Assert.True(answer.Messages > 10, $"{answer.Messages} messages for {LongTokens} tokens");
     }
 
     [Fact]
@@ -67,7 +72,7 @@ public sealed class LifecycleTests(ITestOutputHelper output) : IDisposable
         var generated = decoder.Metric("blip2mesh_decoder_generated_tokens_total");
         await Task.Delay(500);
         Assert.Equal(generated, decoder.Metric("blip2mesh_decoder_generated_tokens_total"));
-        Assert.True(generated < 512, $"{generated} tokens: the cancelled request decoded to the end");
+        Assert.True(generated < LongTokens, $"{generated} tokens: the cancelled request decoded to the end");
     }
 
     [Fact]
@@ -90,7 +95,7 @@ public sealed class LifecycleTests(ITestOutputHelper output) : IDisposable
             }
         }
         Assert.Equal("length", finish);
-        Assert.Equal(512, ids.Count);
+        Assert.Equal(LongTokens, ids.Count);
         Assert.True(decoder.WaitForExit(TimeSpan.FromSeconds(30)), "the decoder did not exit after its last stream");
     }
 

@@ -118,24 +118,33 @@ public sealed unsafe class SafetensorsFile : IDisposable
     public float[] ReadFloat32(SafetensorsEntry entry)
     {
         var result = new float[entry.ElementCount];
-        var bytes = Bytes(entry);
-        switch (entry.DType)
+        if (!TryWiden(Bytes(entry), entry.DType, result))
+            throw new InvalidDataException($"{Path}: tensor '{entry.Name}' is {entry.DType}, not a floating-point tensor");
+        return result;
+    }
+
+    /// <summary>
+    /// float32, float16 or bfloat16 values as float32 (exactly: every such value is a float32); false for a tensor
+    /// type that is not floating-point.
+    /// </summary>
+    public static bool TryWiden(ReadOnlySpan<byte> bytes, TensorDType dtype, Span<float> result)
+    {
+        switch (dtype)
         {
             case TensorDType.Float32:
                 MemoryMarshal.Cast<byte, float>(bytes).CopyTo(result);
-                break;
+                return true;
             case TensorDType.Float16:
                 var halves = MemoryMarshal.Cast<byte, Half>(bytes);
                 for (var i = 0; i < result.Length; i++) result[i] = (float)halves[i];
-                break;
+                return true;
             case TensorDType.BFloat16:
                 var raw = MemoryMarshal.Cast<byte, ushort>(bytes);
                 for (var i = 0; i < result.Length; i++) result[i] = BitConverter.Int32BitsToSingle(raw[i] << 16);
-                break;
+                return true;
             default:
-                throw new InvalidDataException($"{Path}: tensor '{entry.Name}' is {entry.DType}, not a floating-point tensor");
+                return false;
         }
-        return result;
     }
 
     public void Dispose()

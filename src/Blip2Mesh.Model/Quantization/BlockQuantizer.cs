@@ -22,7 +22,8 @@ public static class BlockQuantizer
         var rowBytes = inFeatures * dtype.Size();
         for (var n = 0; n < rows; n++)
         {
-            Widen(source.Slice(n * rowBytes, rowBytes), dtype, row.AsSpan(0, inFeatures));
+            if (!SafetensorsFile.TryWiden(source.Slice(n * rowBytes, rowBytes), dtype, row.AsSpan(0, inFeatures)))
+                throw new InvalidDataException($"weight of type {dtype} cannot be quantized: it is not floating-point");
             row.AsSpan(inFeatures).Clear();
             for (var b = 0; b < blocks; b++)
             {
@@ -52,25 +53,5 @@ public static class BlockQuantizer
         var max = 0f;
         foreach (var v in values) max = MathF.Max(max, MathF.Abs(v));
         return max;
-    }
-
-    private static void Widen(ReadOnlySpan<byte> bytes, TensorDType dtype, Span<float> result)
-    {
-        switch (dtype)
-        {
-            case TensorDType.Float32:
-                MemoryMarshal.Cast<byte, float>(bytes).CopyTo(result);
-                break;
-            case TensorDType.Float16:
-                var halves = MemoryMarshal.Cast<byte, Half>(bytes);
-                for (var i = 0; i < result.Length; i++) result[i] = (float)halves[i];
-                break;
-            case TensorDType.BFloat16:
-                var raw = MemoryMarshal.Cast<byte, ushort>(bytes);
-                for (var i = 0; i < result.Length; i++) result[i] = BitConverter.Int32BitsToSingle(raw[i] << 16);
-                break;
-            default:
-                throw new InvalidDataException($"weight of type {dtype} cannot be quantized: it is not floating-point");
-        }
     }
 }
