@@ -33,6 +33,16 @@ public sealed class WeightSchemeTests
         Assert.Equal(WeightScheme.Parse("int4"), WeightScheme.Parse("vision=int4,qformer=int4,encoder=int4,decoder=int4"));
     }
 
+    [Fact]
+    public void OnlyTheDecodersFeedForwardOutputAndTheLmHeadStayExact()
+    {
+        var int4 = WeightScheme.Parse("int4");
+        Assert.Null(int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wo.weight"));
+        Assert.Null(int4.For(WeightStage.Decoder, "language_model.lm_head.weight"));
+        Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Encoder, "language_model.encoder.block.3.layer.1.DenseReluDense.wo.weight"));
+        Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
+    }
+
     [Theory]
     [InlineData("int3")]
     [InlineData("decoder=int5")]

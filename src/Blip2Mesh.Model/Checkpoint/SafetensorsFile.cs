@@ -112,6 +112,25 @@ public sealed unsafe class SafetensorsFile : IDisposable
 
     public ReadOnlySpan<byte> Bytes(SafetensorsEntry entry) => new(_base + entry.Offset, checked((int)entry.Length));
 
+    /// <summary>
+    /// Drops the tensor's pages from this process's resident set (Linux: madvise DONTNEED; the kernel's page cache
+    /// keeps them, and a later read faults them back in). Quantizing reads every float32 weight once; without this
+    /// a first start counted the whole checkpoint in its RSS (19.6 GB for the 15.8 GB XL, against 7.1 GB later).
+    /// </summary>
+    public void ReleasePages(SafetensorsEntry entry)
+    {
+        if (!OperatingSystem.IsLinux() || entry.Length == 0) return;
+        var page = Environment.SystemPageSize;
+        var start = (long)(_base + entry.Offset) / page * page;
+        var end = (long)(_base + entry.Offset + entry.Length);
+        _ = Madvise((IntPtr)start, (UIntPtr)(ulong)(end - start), MadviseDontNeed); // advisory: a failure only costs memory
+    }
+
+    private const int MadviseDontNeed = 4;
+
+    [DllImport("libc", EntryPoint = "madvise")]
+    private static extern int Madvise(IntPtr address, UIntPtr length, int advice);
+
     /// <summary>Reads a floating-point tensor as float32, widening float16/bfloat16 exactly.</summary>
     public float[] ReadFloat32(string name) => ReadFloat32(this[name]);
 

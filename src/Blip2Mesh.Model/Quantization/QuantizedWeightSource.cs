@@ -82,6 +82,7 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
         var packed = new byte[packedLength];
         var scales = new float[scalesLength / sizeof(float)];
         BlockQuantizer.Quantize(weight.File.Bytes(weight.Entry), weight.Entry.DType, rows, inFeatures, q, packed, scales);
+        weight.File.ReleasePages(weight.Entry);
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
         var temporary = $"{path}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp";
         try
