@@ -41,7 +41,22 @@ public sealed class WeightSchemeTests
         Assert.Null(int4.For(WeightStage.Decoder, "language_model.lm_head.weight"));
         Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Encoder, "language_model.encoder.block.3.layer.1.DenseReluDense.wo.weight"));
         Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
+        // int8: per output channel where a run multiplies many rows, blocks in the decoder.
+        var int8 = WeightScheme.Parse("int8");
+        Assert.Equal(ChannelQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight"));
+        Assert.Equal(ChannelQuantization.Int8, int8.For(WeightStage.Encoder, "language_model.encoder.block.3.layer.1.DenseReluDense.wo.weight"));
+        Assert.Equal(BlockQuantization.Int8, int8.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
+        Assert.Equal(BlockQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight", ExecutionDevice.Cuda));
     }
+
+    /// <summary>"int8", "int4" (blocks of 32) or "int8 per channel".</summary>
+    internal static LinearQuantization Form(string name) => name switch
+    {
+        "int8" => BlockQuantization.Int8,
+        "int4" => BlockQuantization.Int4,
+        "int8 per channel" => ChannelQuantization.Int8,
+        _ => throw new ArgumentException(name),
+    };
 
     [Theory]
     [InlineData("int3")]
@@ -66,37 +81,42 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
 
     public void Dispose() => _cache.Dispose();
 
-    public static TheoryData<string, int> Linears() => new()
+    public static TheoryData<string, string> Linears() => new()
     {
-        { "vision_model.encoder.layers.0.self_attn.qkv.weight", 8 }, { "vision_model.encoder.layers.0.self_attn.qkv.weight", 4 },
-        { "vision_model.encoder.layers.0.mlp.fc2.weight", 8 }, { "vision_model.encoder.layers.0.mlp.fc2.weight", 4 },
-        { "qformer.encoder.layer.0.crossattention.attention.key.weight", 4 },
-        { "language_projection.weight", 8 },
-        { "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight", 4 },
-        { "language_model.lm_head.weight", 4 },
-        { "language_model.lm_head.weight", 8 },
-        { "language_model.decoder.block.0.layer.0.SelfAttention.q.weight", 8 },
-        { "language_model.decoder.block.0.layer.2.DenseReluDense.wo.weight", 8 },
+        { "vision_model.encoder.layers.0.self_attn.qkv.weight", "int8" }, { "vision_model.encoder.layers.0.self_attn.qkv.weight", "int4" },
+        { "vision_model.encoder.layers.0.self_attn.qkv.weight", "int8 per channel" },
+        { "vision_model.encoder.layers.0.mlp.fc2.weight", "int8" }, { "vision_model.encoder.layers.0.mlp.fc2.weight", "int4" },
+        { "vision_model.encoder.layers.0.mlp.fc2.weight", "int8 per channel" },
+        { "qformer.encoder.layer.0.crossattention.attention.key.weight", "int4" },
+        { "qformer.encoder.layer.0.crossattention.attention.key.weight", "int8 per channel" },
+        { "language_projection.weight", "int8" },
+        { "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight", "int4" },
+        { "language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight", "int8 per channel" },
+        { "language_model.lm_head.weight", "int4" },
+        { "language_model.lm_head.weight", "int8" },
+        { "language_model.decoder.block.0.layer.0.SelfAttention.q.weight", "int8" },
+        { "language_model.decoder.block.0.layer.2.DenseReluDense.wo.weight", "int8" },
     };
 
     [Theory]
     [MemberData(nameof(Linears))]
-    public void EveryOutputStaysWithinTheBlockErrorBound(string weightName, int bits)
+    public void EveryOutputStaysWithinTheGroupErrorBound(string weightName, string form)
     {
         using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
-        var q = new BlockQuantization(bits, BlockQuantization.DefaultBlockSize);
+        var q = WeightSchemeTests.Form(form);
+        var bits = form;
         var entry = checkpoint.Weights[weightName].Entry;
         int n = (int)entry.Shape[0], k = (int)entry.Shape[1], rows = 1;
         var w = checkpoint.Weights[weightName].File.ReadFloat32(entry);
 
         var source = new QuantizedWeightSource(checkpoint, _cache.Root);
         // float32 compute, so the output is exactly x·dequantized(W)ᵀ and the weight bound is the whole error.
-        var g = new OnnxGraphBuilder(source, "linear", _ => q, MatMulNBitsCompute.Float32);
+        var g = new OnnxGraphBuilder(source, "linear", _ => q, QuantizedCompute.Float32);
         var x = g.Input("x", DataType.Float, rows, k);
         g.Output(g.MatMulTransposed("/linear", x, weightName, n, k), "y", DataType.Float, rows, n);
         using var session = new StageSession("linear", g.Build(), checkpoint, source.ExternalDataFolder, new ExecutionOptions());
 
-        var random = new Random(bits * 1000 + k);
+        var random = new Random(q.Bits * 1000 + k);
         var input = Enumerable.Range(0, rows * k).Select(_ => (float)(random.NextDouble() * 4 - 2)).ToArray();
         using var value = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(input, [rows, k]);
         using var outputs = session.Run(new Dictionary<string, Microsoft.ML.OnnxRuntime.OrtValue> { ["x"] = value });
@@ -108,9 +128,10 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
             for (var o = 0; o < n; o++)
             {
                 double exact = 0, magnitude = 0, bound = 0, dequantized = 0;
-                for (var b = 0; b * q.BlockSize < k; b++)
+                var group = q.GroupSize(k);
+                for (var b = 0; b * group < k; b++)
                 {
-                    var block = Enumerable.Range(b * q.BlockSize, Math.Min(q.BlockSize, k - b * q.BlockSize)).ToList();
+                    var block = Enumerable.Range(b * group, Math.Min(group, k - b * group)).ToList();
                     var scale = block.Max(i => Math.Abs(w[o * k + i])) / q.MaxLevel;
                     bound += scale / 2 * block.Sum(i => Math.Abs(input[r * k + i]));
                     if (scale > 0)
@@ -124,14 +145,71 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
                 // float32 accumulation of k products, and of the scales' own rounding.
                 var limit = bound * (1 + 1e-5) + magnitude * k * 6e-8;
                 var error = Math.Abs(actual[r * n + o] - exact);
-                Assert.True(error <= limit, $"{weightName} int{bits} row {r} output {o}: |error| {error} exceeds the bound {limit}");
+                Assert.True(error <= limit, $"{weightName} {bits} row {r} output {o}: |error| {error} exceeds the bound {limit}");
                 // And it is the product with the dequantized weights (float32 compute, activations not quantized).
                 Assert.True(Math.Abs(actual[r * n + o] - dequantized) <= magnitude * k * 6e-8 + bound * 1e-5,
-                    $"{weightName} int{bits} row {r} output {o}: {actual[r * n + o]} is not x·dequantized(W)ᵀ = {dequantized}");
+                    $"{weightName} {bits} row {r} output {o}: {actual[r * n + o]} is not x·dequantized(W)ᵀ = {dequantized}");
                 if (limit > 0) worstShare = Math.Max(worstShare, error / limit);
             }
         }
-        output.WriteLine($"{weightName} int{bits}: worst error is {worstShare:P1} of its bound");
+        output.WriteLine($"{weightName} {bits}: worst error is {worstShare:P1} of its bound");
+    }
+}
+
+public sealed class RowQuantizedLinearTests : IDisposable
+{
+    private const string Weight = "vision_model.encoder.layers.0.mlp.fc2.weight";
+    private readonly TemporaryCache _cache = new();
+
+    public void Dispose() => _cache.Dispose();
+
+    /// <summary>
+    /// The per-channel form with int8 activations: each row is rounded to int8 with its own scale, multiplied in
+    /// integers and scaled back, so every output is s_r · s_n · Σ_k round(x_rk / s_r) · q_kn exactly, and a row's
+    /// result is the same whatever rows share its run (here: one 1000x larger, one all zero).
+    /// </summary>
+    [Fact]
+    public void EachRowIsRoundedWithItsOwnScaleAndMultipliedInIntegers()
+    {
+        using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
+        var source = new QuantizedWeightSource(checkpoint, _cache.Root);
+        var shape = checkpoint.Weights[Weight].Entry.Shape;
+        int n = (int)shape[0], k = (int)shape[1];
+        var location = source.DescribeQuantized(Weight, n, k, ChannelQuantization.Int8);
+        var file = File.ReadAllBytes(Path.Combine(source.ExternalDataFolder, location.Location));
+        var levels = file.AsSpan(0, (int)location.PackedLength).ToArray().Select(b => (int)(sbyte)b).ToArray();
+        var columnScales = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(file.AsSpan((int)location.ScalesOffset, (int)location.ScalesLength)).ToArray();
+
+        var random = new Random(7);
+        var first = Enumerable.Range(0, k).Select(_ => (float)(random.NextDouble() * 4 - 2)).ToArray();
+        float[] rows = [.. first, .. first.Select(v => v * 1000), .. new float[k]];
+        var batched = Run(source, checkpoint, rows, 3, n, k);
+        var alone = Run(source, checkpoint, first, 1, n, k);
+        Assert.Equal(alone, batched[..n]);
+        for (var r = 0; r < 3; r++)
+        {
+            var x = rows.AsSpan(r * k, k);
+            var rowScale = MathF.Max(x.ToArray().Max(MathF.Abs), 1e-30f) * (1f / 127);
+            for (var o = 0; o < n; o++)
+            {
+                long sum = 0;
+                for (var i = 0; i < k; i++) sum += (long)MathF.Round(x[i] / rowScale, MidpointRounding.ToEven) * levels[i * n + o];
+                var expected = sum * columnScales[o] * rowScale;
+                Assert.True(Math.Abs(batched[r * n + o] - expected) <= 1e-6 * Math.Abs(expected) + 1e-30,
+                    $"row {r} output {o}: {batched[r * n + o]}, expected s_r·s_n·Σ levels = {expected}");
+            }
+        }
+    }
+
+    private static float[] Run(QuantizedWeightSource source, Blip2Checkpoint checkpoint, float[] input, int rows, int n, int k)
+    {
+        var g = new OnnxGraphBuilder(source, "linear", _ => ChannelQuantization.Int8, QuantizedCompute.Int8);
+        var x = g.Input("x", DataType.Float, "rows", k);
+        g.Output(g.MatMulTransposed("/linear", x, Weight, n, k), "y", DataType.Float, "rows", n);
+        using var session = new StageSession("linear", g.Build(), checkpoint, source.ExternalDataFolder, new ExecutionOptions());
+        using var value = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(input, [rows, k]);
+        using var outputs = session.Run(new Dictionary<string, Microsoft.ML.OnnxRuntime.OrtValue> { ["x"] = value });
+        return outputs[0].GetTensorDataAsSpan<float>().ToArray();
     }
 }
 
@@ -205,7 +283,7 @@ public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDispos
         var q = new BlockQuantization(bits, BlockQuantization.DefaultBlockSize);
         var exact = Fixtures.Pipeline(checkpoint).Model;
         using var quantized = Blip2Model.Load(Fixtures.CheckpointDir(checkpoint), new PixelInput.Rgb8(null, null, null),
-            new ExecutionOptions { Weights = WeightScheme.All(q), WeightCache = _cache.Root, QuantizedCompute = MatMulNBitsCompute.Float32 });
+            new ExecutionOptions { Weights = WeightScheme.All(q), WeightCache = _cache.Root, QuantizedCompute = QuantizedCompute.Float32 });
         var references = Fixtures.Tensors(checkpoint);
         var prompt = Fixtures.Prompt(checkpoint, 0, 0);
         var pixels = Fixtures.ReadTensor(references, "img0/pixel_values");
@@ -230,29 +308,29 @@ public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDispos
             var actual = run(quantized);
             var expected = run(exact);
             var relative = Rms(actual.Data.Zip(expected.Data, (a, e) => a - e)) / Rms(expected.Data);
-            var bound = StageWeightError(checkpoint, q, owns);
+            var bound = StageWeightError(checkpoint, owns);
             output.WriteLine($"{checkpoint} int{bits} {name}: relative RMS error {relative:E2}, max |diff| {Fixtures.MaxAbsDiff(actual, expected):E2}, first-order bound {bound:E2}");
             Assert.True(relative <= bound, $"{checkpoint} int{bits} {name}: relative RMS error {relative} exceeds the first-order bound {bound}");
         }
     }
 
-    /// <summary>Σ ‖ΔW‖_F / ‖W‖_F over the stage's quantized Linears (those the cache holds).</summary>
-    private double StageWeightError(string checkpoint, BlockQuantization q, Func<string, bool> owns)
+    /// <summary>Σ ‖ΔW‖_F / ‖W‖_F over the stage's quantized Linears (those the cache holds, in whichever form).</summary>
+    private double StageWeightError(string checkpoint, Func<string, bool> owns)
     {
         using var weights = Blip2Checkpoint.Open(Fixtures.CheckpointDir(checkpoint));
+        LinearQuantization[] forms = [BlockQuantization.Int8, BlockQuantization.Int4, ChannelQuantization.Int8];
         var cached = Directory.GetFiles(_cache.Root, "*.bin", SearchOption.AllDirectories)
-            .Where(f => Path.GetFileName(Path.GetDirectoryName(f)) == q.CacheKey)
-            .Select(f => Path.GetFileNameWithoutExtension(f)).ToList();
+            .Select(f => (Name: Path.GetFileNameWithoutExtension(f), Form: forms.Single(q => q.CacheKey == Path.GetFileName(Path.GetDirectoryName(f))))).ToList();
         var total = 0.0;
-        foreach (var name in cached.Where(owns))
+        foreach (var (name, q) in cached.Where(c => owns(c.Name)))
         {
             var entry = weights.Weights[name].Entry;
             var w = weights.Weights[name].File.ReadFloat32(entry);
-            int k = (int)entry.Shape[1];
+            int k = (int)entry.Shape[1], group = q.GroupSize(k);
             double error = 0, norm = 0;
-            for (var start = 0; start < w.Length; start += Math.Min(q.BlockSize, k - start % k))
+            for (var start = 0; start < w.Length; start += Math.Min(group, k - start % k))
             {
-                var length = Math.Min(q.BlockSize, k - start % k);
+                var length = Math.Min(group, k - start % k);
                 var block = w.AsSpan(start, length).ToArray();
                 var scale = block.Max(Math.Abs) / q.MaxLevel;
                 foreach (var v in block)
@@ -339,9 +417,9 @@ public sealed class QuantizedWeightCacheTests : IDisposable
         int rows = (int)entry.Shape[0], k = (int)entry.Shape[1];
         (byte[], float[]) Quantize(byte[] bytes, TensorDType type)
         {
-            var packed = new byte[BlockQuantizer.PackedBytes(rows, k, q)];
+            var packed = new byte[LinearQuantizer.PackedBytes(rows, k, q)];
             var scales = new float[rows * q.BlockCount(k)];
-            BlockQuantizer.Quantize(bytes, type, rows, k, q, packed, scales);
+            LinearQuantizer.Quantize(bytes, type, rows, k, q, packed, scales);
             return (packed, scales);
         }
         var (fromNarrow, narrowScales) = Quantize(narrow, dtype);

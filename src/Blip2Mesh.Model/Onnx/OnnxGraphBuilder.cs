@@ -6,15 +6,17 @@ using Google.Protobuf;
 
 namespace Blip2Mesh.Model.Onnx;
 
-/// <summary>MatMulNBits' accuracy_level: the least precise arithmetic its kernel may use on the activations.</summary>
-public enum MatMulNBitsCompute
+/// <summary>How quantized Linears multiply: the least precise arithmetic they may use on the activations.</summary>
+public enum QuantizedCompute
 {
-    /// <summary>float32 products with the dequantized weights (the kernel's default; 8-bit weights then dequantize every run on x86).</summary>
+    /// <summary>float32 products with the dequantized weights, so the weights' rounding is the only error (MatMulNBits'
+    /// accuracy_level 0, which dequantizes every run for 8-bit weights on x86; DequantizeLinear + MatMul per channel).</summary>
     Float32 = 0,
     /// <summary>
-    /// Activations rounded to int8 per block, integer dot products (AVX2/VNNI, ARM SDOT): what the CPU's fast 4- and
-    /// 8-bit kernels run; CUDA's kernels ignore it. On the demo dev set it moves int8 from 98.9% to 98.6% of answers
-    /// equal to float32's and int4 from 92.8% to 93.1%, and int8 from 0.68 to 0.26 ms/token (exact weights: 0.28).
+    /// Activations rounded to int8 and integer dot products: per block for MatMulNBits (accuracy_level 4: AVX2/VNNI,
+    /// ARM SDOT; CUDA's kernels ignore it), per row for MatMulInteger. On the demo dev set it moves block int8 from
+    /// 98.9% to 98.6% of answers equal to float32's and int4 from 92.8% to 93.1%, and block int8 from 0.68 to
+    /// 0.26 ms/token (exact weights: 0.28).
     /// </summary>
     Int8 = 4,
 }
@@ -44,8 +46,8 @@ public sealed class OnnxGraphBuilder
     private const int Opset = 17;
 
     private readonly IWeightSource _weightSource;
-    private readonly Func<string, BlockQuantization?>? _linears;
-    private readonly MatMulNBitsCompute _compute;
+    private readonly Func<string, LinearQuantization?>? _linears;
+    private readonly QuantizedCompute _compute;
     private readonly GraphProto _graph;
     private readonly Dictionary<string, string> _weights = new(StringComparer.Ordinal);
     private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
@@ -54,9 +56,9 @@ public sealed class OnnxGraphBuilder
     /// <param name="weights">A checkpoint, or anything else that can say where each weight lives (see <see cref="IWeightSource"/>).</param>
     /// <param name="linears">How each Linear weight (by HF name) is stored, null meaning exact; without it every
     /// Linear is exact. When given, <paramref name="weights"/> must be able to quantize (an <see cref="IQuantizedWeightSource"/>).</param>
-    /// <param name="compute">How MatMulNBits multiplies (its accuracy_level).</param>
-    public OnnxGraphBuilder(IWeightSource weights, string graphName, Func<string, BlockQuantization?>? linears = null,
-        MatMulNBitsCompute compute = MatMulNBitsCompute.Int8)
+    /// <param name="compute">How quantized Linears multiply.</param>
+    public OnnxGraphBuilder(IWeightSource weights, string graphName, Func<string, LinearQuantization?>? linears = null,
+        QuantizedCompute compute = QuantizedCompute.Int8)
     {
         _compute = compute;
         if (linears is not null && weights is not IQuantizedWeightSource)
@@ -70,25 +72,63 @@ public sealed class OnnxGraphBuilder
 
     /// <summary>
     /// x · Wᵀ for the Linear weight <paramref name="hfName"/> ([out, in], HF's layout): FusedMatMul(transB) on the
-    /// exact weight, or, when this graph's Linears are quantized, com.microsoft MatMulNBits on its block-quantized form.
+    /// exact weight, or, when this graph's Linears are quantized, MatMulNBits on its block-quantized form or
+    /// MatMulInteger on its per-channel form.
     /// </summary>
     public string MatMulTransposed(string name, string x, string hfName, long outFeatures, long inFeatures)
     {
-        if (_linears?.Invoke(hfName) is not { } quantization)
-            return MsOp("FusedMatMul", $"{name}/MatMul", [x, Weight(hfName, outFeatures, inFeatures)], Attr.Int("transB", 1));
-        var (packed, scales) = QuantizedWeight(hfName, outFeatures, inFeatures, quantization);
-        return MsOp("MatMulNBits", $"{name}/MatMulNBits", [x, packed, scales],
-            Attr.Int("K", inFeatures), Attr.Int("N", outFeatures), Attr.Int("bits", quantization.Bits), Attr.Int("block_size", quantization.BlockSize), Attr.Int("accuracy_level", (long)_compute));
+        switch (_linears?.Invoke(hfName))
+        {
+            case BlockQuantization q:
+                var (packed, scales) = QuantizedWeight(hfName, outFeatures, inFeatures, q,
+                    TensorProto.Types.DataType.Uint8, [outFeatures, q.BlockCount(inFeatures), q.BlobBytes]);
+                return MsOp("MatMulNBits", $"{name}/MatMulNBits", [x, packed, scales],
+                    Attr.Int("K", inFeatures), Attr.Int("N", outFeatures), Attr.Int("bits", q.Bits), Attr.Int("block_size", q.BlockSize), Attr.Int("accuracy_level", (long)_compute));
+            case ChannelQuantization q:
+                var (weights, weightScales) = QuantizedWeight(hfName, outFeatures, inFeatures, q, TensorProto.Types.DataType.Int8, [inFeatures, outFeatures]);
+                if (_compute != QuantizedCompute.Float32) return RowQuantizedMatMul(name, x, weights, weightScales, inFeatures, outFeatures);
+                // Cast × scale, folded into a float32 initializer at load (a DequantizeLinear would be fused back into an int8 kernel).
+                var dequantized = Op("Mul", $"{name}/Dequantize", [Op("Cast", $"{name}/WeightToFloat", [weights], Attr.Int("to", (long)TensorProto.Types.DataType.Float)), weightScales]);
+                return Op("MatMul", $"{name}/MatMul", [x, dequantized]);
+            default:
+                return MsOp("FusedMatMul", $"{name}/MatMul", [x, Weight(hfName, outFeatures, inFeatures)], Attr.Int("transB", 1));
+        }
     }
 
-    private (string Packed, string Scales) QuantizedWeight(string hfName, long outFeatures, long inFeatures, BlockQuantization q)
+    /// <summary>
+    /// x · W for int8 W [K, N] with one scale per column: each row of x is rounded to int8 with its own scale
+    /// s_r = max|x_r| / 127 (stored offset by 128 as uint8, the integer GEMM's fast unsigned × signed form),
+    /// multiplied in integers, scaled by s_n in the GEMM's epilogue and by s_r after it.
+    /// <code>
+    /// x ─▶ [rows, K] ─▶ s_r = max(ReduceMax x, −ReduceMin x) / 127 ─▶ QuantizeLinear(x, s_r, 128, axis 0)
+    ///   ─▶ MatMulIntegerToFloat(·, W, 1, s_n, 128) ─▶ × s_r ─▶ [..., N]
+    /// </code>
+    /// </summary>
+    private string RowQuantizedMatMul(string name, string x, string weights, string weightScales, long inFeatures, long outFeatures)
     {
-        var packedName = $"{hfName}.{q.Name}_packed";
-        var scalesName = $"{hfName}.{q.Name}_scales";
+        var rows = Op("Reshape", $"{name}/Rows", [x, Ints(-1, inFeatures)]);
+        var max = Op("ReduceMax", $"{name}/RowMax", [rows], Attr.Ints("axes", 1), Attr.Int("keepdims", 0));
+        var min = Op("ReduceMin", $"{name}/RowMin", [rows], Attr.Ints("axes", 1), Attr.Int("keepdims", 0));
+        var absMax = Op("Max", $"{name}/RowAbsMax", [max, Op("Neg", $"{name}/NegMin", [min]), Float(1e-30f)]); // 1e-30: an all-zero row, not 0/0
+        var rowScale = Op("Mul", $"{name}/RowScale", [absMax, Float(1f / 127)]);
+        var offset = Constant(TensorProto.Types.DataType.Uint8, [128], []);
+        var rowOffsets = Op("Expand", $"{name}/RowOffsets", [offset, Op("Shape", $"{name}/RowCount", [rowScale])]);
+        var levels = Op("QuantizeLinear", $"{name}/QuantizeRows", [rows, rowScale, rowOffsets], Attr.Int("axis", 0));
+        var products = MsOp("MatMulIntegerToFloat", $"{name}/MatMulIntegerToFloat", [levels, weights, Float(1f), weightScales, offset]);
+        var scaled = Op("Mul", $"{name}/RowRescale", [products, Op("Unsqueeze", $"{name}/RowScaleColumn", [rowScale, Ints(1)])]);
+        var leading = Op("Slice", $"{name}/LeadingDims", [Op("Shape", $"{name}/InputShape", [x]), Ints(0), Ints(-1)]);
+        return Op("Reshape", $"{name}/Unrows", [scaled, Op("Concat", $"{name}/OutputShape", [leading, Ints(outFeatures)], Attr.Int("axis", 0))]);
+    }
+
+    private (string Packed, string Scales) QuantizedWeight(string hfName, long outFeatures, long inFeatures, LinearQuantization q,
+        TensorProto.Types.DataType packedType, long[] packedDims)
+    {
+        var packedName = $"{hfName}.{q.CacheKey}_packed";
+        var scalesName = $"{hfName}.{q.CacheKey}_scales";
         if (_weights.ContainsKey(packedName)) return (packedName, scalesName);
         var weight = ((IQuantizedWeightSource)_weightSource).DescribeQuantized(hfName, outFeatures, inFeatures, q);
-        AddExternal(packedName, TensorProto.Types.DataType.Uint8, [outFeatures, weight.BlockCount, q.BlobBytes], weight.Location, 0, weight.PackedLength);
-        AddExternal(scalesName, TensorProto.Types.DataType.Float, [outFeatures * weight.BlockCount], weight.Location, weight.ScalesOffset, weight.ScalesLength);
+        AddExternal(packedName, packedType, packedDims, weight.Location, 0, weight.PackedLength);
+        AddExternal(scalesName, TensorProto.Types.DataType.Float, [weight.ScalesLength / sizeof(float)], weight.Location, weight.ScalesOffset, weight.ScalesLength);
         _weights[packedName] = packedName;
         _weights[scalesName] = scalesName;
         return (packedName, scalesName);

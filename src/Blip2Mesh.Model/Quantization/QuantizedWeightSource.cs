@@ -4,16 +4,13 @@ using Blip2Mesh.Model.Checkpoint;
 namespace Blip2Mesh.Model.Quantization;
 
 /// <summary>Where a quantized Linear weight's two MatMulNBits initializers are, as ONNX external-data references.</summary>
-public sealed record QuantizedWeightLocation(string Name, long OutFeatures, long InFeatures, BlockQuantization Quantization,
-    string Location, long PackedLength, long ScalesOffset, long ScalesLength)
-{
-    public long BlockCount => Quantization.BlockCount(InFeatures);
-}
+public sealed record QuantizedWeightLocation(string Name, long OutFeatures, long InFeatures, LinearQuantization Quantization,
+    string Location, long PackedLength, long ScalesOffset, long ScalesLength);
 
 /// <summary>A weight source that can also hand out block-quantized Linear weights.</summary>
 public interface IQuantizedWeightSource : IWeightSource
 {
-    QuantizedWeightLocation DescribeQuantized(string name, long outFeatures, long inFeatures, BlockQuantization quantization);
+    QuantizedWeightLocation DescribeQuantized(string name, long outFeatures, long inFeatures, LinearQuantization quantization);
 }
 
 /// <summary>
@@ -55,11 +52,11 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
         return weight with { Location = Relative(Path.Combine(_checkpoint.Directory, weight.Location)) };
     }
 
-    public QuantizedWeightLocation DescribeQuantized(string name, long outFeatures, long inFeatures, BlockQuantization quantization)
+    public QuantizedWeightLocation DescribeQuantized(string name, long outFeatures, long inFeatures, LinearQuantization quantization)
     {
         var weight = _checkpoint.Weight(name, outFeatures, inFeatures);
-        var packedLength = BlockQuantizer.PackedBytes(outFeatures, inFeatures, quantization);
-        var scalesLength = outFeatures * quantization.BlockCount(inFeatures) * sizeof(float);
+        var packedLength = LinearQuantizer.PackedBytes(outFeatures, inFeatures, quantization);
+        var scalesLength = LinearQuantizer.ScaleCount(outFeatures, inFeatures, quantization) * sizeof(float);
         var path = Path.Combine(_cacheFolder, quantization.CacheKey, name + ".bin");
         if (!File.Exists(path) || new FileInfo(path).Length != packedLength + scalesLength)
         {
@@ -77,11 +74,11 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
     }
 
     /// <summary>Quantizes one tensor into a temporary file beside <paramref name="path"/>, then renames it into place.</summary>
-    private static void Write(string path, WeightRef weight, int rows, int inFeatures, BlockQuantization q, long packedLength, long scalesLength)
+    private static void Write(string path, WeightRef weight, int rows, int inFeatures, LinearQuantization q, long packedLength, long scalesLength)
     {
         var packed = new byte[packedLength];
         var scales = new float[scalesLength / sizeof(float)];
-        BlockQuantizer.Quantize(weight.File.Bytes(weight.Entry), weight.Entry.DType, rows, inFeatures, q, packed, scales);
+        LinearQuantizer.Quantize(weight.File.Bytes(weight.Entry), weight.Entry.DType, rows, inFeatures, q, packed, scales);
         weight.File.ReleasePages(weight.Entry);
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
         var temporary = $"{path}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp";

@@ -1,28 +1,55 @@
+using Blip2Mesh.Model.Runtime;
+
 namespace Blip2Mesh.Model.Quantization;
 
 /// <summary>The stages whose Linear weights can be quantized, each its own graph.</summary>
 public enum WeightStage { Vision, QFormer, Encoder, Decoder }
 
+/// <summary>How one Linear weight [out, in] is stored at reduced precision: symmetric, one float32 scale per group of
+/// weights along a row, s = max|w| / (2^(bits−1) − 1), round(w / s) stored in <see cref="Bits"/> bits, so no weight
+/// moves by more than s / 2 (the bound the error tests derive theirs from).</summary>
+public abstract record LinearQuantization(int Bits)
+{
+    /// <summary>Largest stored magnitude: 127 for 8 bits, 7 for 4 bits.</summary>
+    public int MaxLevel => (1 << (Bits - 1)) - 1;
+    public string Name => $"int{Bits}";
+    /// <summary>Names the cached tensors' format: a change to the quantizer must change it.</summary>
+    public abstract string CacheKey { get; }
+    /// <summary>How many consecutive weights of a row share one scale.</summary>
+    public abstract int GroupSize(int inFeatures);
+}
+
 /// <summary>
-/// Block-wise symmetric weight-only quantization: every run of <see cref="BlockSize"/> weights along a row's
-/// input features shares one float32 scale, s = max|w| / (2^(bits−1) − 1), and stores round(w / s) in
-/// <see cref="Bits"/> bits. So no weight moves by more than s / 2, the bound the error tests derive theirs from.
+/// Block-wise: every run of <see cref="BlockSize"/> weights along a row's input features shares one scale, in ONNX
+/// Runtime MatMulNBits' layout. Its CPU kernels read the fewest bytes per weight, so they serve the decoder, which
+/// multiplies one row per sequence per step.
 /// </summary>
-public sealed record BlockQuantization(int Bits, int BlockSize)
+public sealed record BlockQuantization(int Bits, int BlockSize) : LinearQuantization(Bits)
 {
     public const int DefaultBlockSize = 32;
     public static readonly BlockQuantization Int8 = new(8, DefaultBlockSize);
     public static readonly BlockQuantization Int4 = new(4, DefaultBlockSize);
 
-    /// <summary>Largest stored magnitude: 127 for 8 bits, 7 for 4 bits.</summary>
-    public int MaxLevel => (1 << (Bits - 1)) - 1;
     /// <summary>MatMulNBits' implied zero point when none is given: stored = level + 2^(bits−1).</summary>
     public int ZeroPoint => 1 << (Bits - 1);
     public int BlobBytes => BlockSize * Bits / 8;
-    public string Name => $"int{Bits}";
-    /// <summary>Names the cached tensors' format: a change to the quantizer must change it.</summary>
-    public string CacheKey => $"q{Bits}b{BlockSize}v1";
+    public override string CacheKey => $"q{Bits}b{BlockSize}v1";
+    public override int GroupSize(int inFeatures) => BlockSize;
     public long BlockCount(long inFeatures) => (inFeatures + BlockSize - 1) / BlockSize;
+}
+
+/// <summary>
+/// int8 with one scale per output feature, stored transposed as int8 [in, out] for ONNX MatMulInteger, which the
+/// graph feeds each activation row rounded to int8 with its own scale: an integer GEMM (AMX or VNNI through MLAS)
+/// for the stages whose Linears see hundreds of rows per run (vision: 257 per image). Per row, so a row's result never
+/// depends on the rows batched with it. On a 257 × 1408 · 1408 × 6144 product it ran 5x faster than MatMulNBits int8,
+/// which is slower than float32 at that size (docs/performance.md).
+/// </summary>
+public sealed record ChannelQuantization() : LinearQuantization(8)
+{
+    public static readonly ChannelQuantization Int8 = new();
+    public override string CacheKey => "q8c1v1";
+    public override int GroupSize(int inFeatures) => inFeatures;
 }
 
 /// <summary>
@@ -50,15 +77,20 @@ public sealed record WeightScheme
 
     /// <summary>
     /// How the Linear weight <paramref name="weightName"/> of <paramref name="stage"/> is stored; null when exact.
+    /// On the CPU, int8 outside the decoder is per output channel (<see cref="ChannelQuantization"/>: those stages
+    /// multiply many rows at once, and MLAS' integer GEMM is the fast kernel for that); the decoder, int4 and CUDA
+    /// (whose fast kernel is MatMulNBits) use blocks (<see cref="BlockQuantization"/>).
     /// The decoder's feed-forward output projections (<c>decoder.….DenseReluDense.wo</c>) and the lm_head stay exact
     /// in every scheme. On the demo dev set, int8 elsewhere with them at int8 too kept 81.7% of answers equal to
     /// float32's, with them exact 98.9% (int4: 67.4% → 92.8%): nearly all of the difference is first tokens whose
     /// float32 top two logits lie within 0.013 of each other (mostly the position question's bottom/left/right), and
-    /// the logit error of these two layers lands there. The encoder's <c>wo</c> quantizes like any other Linear
-    /// (int8 98.5%, int4 92.3% with it quantized too).
+    /// the logit error of these two layers lands there. The encoder's <c>wo</c> quantizes like any other Linear.
     /// </summary>
-    public BlockQuantization? For(WeightStage stage, string weightName) =>
-        IsSensitive(weightName) ? null : For(stage);
+    public LinearQuantization? For(WeightStage stage, string weightName, ExecutionDevice device = ExecutionDevice.Cpu)
+    {
+        if (IsSensitive(weightName) || For(stage) is not { } bits) return null;
+        return bits.Bits == 8 && stage != WeightStage.Decoder && device == ExecutionDevice.Cpu ? ChannelQuantization.Int8 : bits;
+    }
 
     private static bool IsSensitive(string weightName) =>
         (weightName.StartsWith("language_model.decoder.", StringComparison.Ordinal) && weightName.EndsWith(".DenseReluDense.wo.weight", StringComparison.Ordinal))

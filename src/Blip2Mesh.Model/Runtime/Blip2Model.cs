@@ -91,8 +91,8 @@ public sealed class Blip2Model : IDisposable
         new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
             Checkpoint, _externalDataFolder, _execution));
 
-    private Func<string, BlockQuantization?>? Linears(WeightStage? stage) =>
-        stage is { } s && _execution.Weights.For(s) is not null ? weight => _execution.Weights.For(s, weight) : null;
+    private Func<string, LinearQuantization?>? Linears(WeightStage? stage) =>
+        stage is { } s && _execution.Weights.For(s) is not null ? weight => _execution.Weights.For(s, weight, _execution.Device) : null;
 
     /// <summary>Builds the sessions of the named stages now rather than on first request.</summary>
     public void Warm(bool vision = false, bool qformer = false, bool decoder = false)

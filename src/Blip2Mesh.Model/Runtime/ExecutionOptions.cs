@@ -16,7 +16,7 @@ public sealed record ExecutionOptions(ExecutionDevice Device = ExecutionDevice.C
     public string? WeightCache { get; init; }
 
     /// <summary>How quantized Linears multiply; int8 activations are what the CPU's fast kernels run.</summary>
-    public MatMulNBitsCompute QuantizedCompute { get; init; } = MatMulNBitsCompute.Int8;
+    public QuantizedCompute QuantizedCompute { get; init; } = QuantizedCompute.Int8;
 
     public static ExecutionDevice ParseDevice(string value) => value.ToLowerInvariant() switch
     {
