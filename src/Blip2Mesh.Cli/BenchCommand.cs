@@ -10,6 +10,7 @@ using Blip2Mesh.Model.Generation;
 using Blip2Mesh.Model.Pipeline;
 using Blip2Mesh.Model.Quantization;
 using Blip2Mesh.Model.Runtime;
+using Blip2Mesh.Model.Text;
 using SkiaSharp;
 using ApiOptions = Blip2Mesh.Contracts.V1.GenerationOptions;
 
@@ -105,6 +106,11 @@ internal static partial class BenchCommand
         var c1 = runs.FirstOrDefault(r => r.Concurrency == 1 && r.Samples.Count > 0);
         double? msPerToken = c1 is null || c1.Samples.Sum(s => s.Tokens) == 0 ? null
             : Percentile(c1.Samples.Where(s => s.Tokens > 0).Select(s => s.DecoderMs / s.Tokens).ToList(), 50);
+        // Measured after the runs and their peak RSS, so the probes' buffers count in neither; unknown for a mesh
+        // started elsewhere, whose weights this command does not know.
+        var floor = addr is null
+            ? MeasureFloor(model, weights, execution.Device, threads ?? Environment.ProcessorCount, prompt, c1 is null ? maxNewTokens : c1.Samples.Average(s => s.Tokens))
+            : null;
         var report = new Dictionary<string, object?>
         {
             ["runs"] = runs.Select(RunJson).ToList(),
@@ -124,11 +130,23 @@ internal static partial class BenchCommand
             ["first_request_s"] = runs.Count > 0 ? Round(runs[0].WarmupSeconds) : null,
             ["vision_qformer_ms_per_image"] = imageMs is { } ms ? Round(ms) : null,
             ["decoder_ms_per_token_c1"] = msPerToken is { } t ? Round(t) : null,
+            ["floor"] = floor is null ? null : new Dictionary<string, object?>
+            {
+                ["read_gb_per_s"] = Round(floor.Machine.ReadGBps),
+                ["float32_gemm_gflop_per_s"] = Round(floor.Machine.Float32Gflops),
+                ["int8_gemm_gop_per_s"] = Round(floor.Machine.Int8Gops),
+                ["vision_qformer_ms_per_image"] = Round(floor.ImageMs),
+                ["t5_encoder_ms_per_run"] = Round(floor.EncoderMs),
+                ["decoder_step_ms"] = Round(floor.StepMs),
+                ["decoder_ms_per_token_c1"] = Round(floor.PerTokenMs),
+                ["decoder_step_weight_gb"] = Round(floor.StepWeightBytes / 1e9),
+                ["how"] = "max(weight bytes / read bandwidth, FLOPs / GEMM peak) per stage run, both measured on this machine in this run; per token = (encoder run + tokens x step) / tokens",
+            },
         };
         if (output is not null)
             File.WriteAllText(output, JsonSerializer.Serialize(report, new JsonSerializerOptions(CliJson.Options) { WriteIndented = true }) + "\n");
 
-        PrintTable(runs, rss, imageMs, msPerToken, target.Mode, (string)report["weights"]!, output);
+        PrintTable(runs, rss, imageMs, msPerToken, floor, target.Mode, (string)report["weights"]!, output);
         var errors = runs.Sum(r => r.Errors);
         if (errors > 0) Console.Error.WriteLine($"bench: {errors} request(s) failed");
         return errors == 0 ? 0 : 1;
@@ -216,7 +234,22 @@ internal static partial class BenchCommand
         };
     }
 
-    private static void PrintTable(List<RunResult> runs, Dictionary<string, double> rss, double? imageMs, double? msPerToken, string mode, string weights, string? output)
+    private sealed record Floor(PhysicalFloor.Machine Machine, double ImageMs, double EncoderMs, double StepMs, double PerTokenMs, double StepWeightBytes);
+
+    private static Floor MeasureFloor(string model, WeightScheme weights, ExecutionDevice device, int threads, string prompt, double tokensPerRequest)
+    {
+        Console.Error.WriteLine("bench: measuring this machine's floor (memory bandwidth, GEMM peaks)");
+        var machine = PhysicalFloor.Measure(threads);
+        using var checkpoint = Blip2Checkpoint.Open(model);
+        var promptTokens = T5Tokenizer.Load(model).Encode(prompt).Count;
+        var costs = PhysicalFloor.Model(checkpoint, weights, device, promptTokens);
+        var tokens = Math.Max(1, tokensPerRequest);
+        var encoderMs = costs.EncoderRun.Milliseconds(machine);
+        var stepMs = costs.DecodeStep.Milliseconds(machine);
+        return new Floor(machine, costs.Image.Milliseconds(machine), encoderMs, stepMs, (encoderMs + tokens * stepMs) / tokens, costs.DecodeStep.WeightBytes);
+    }
+
+    private static void PrintTable(List<RunResult> runs, Dictionary<string, double> rss, double? imageMs, double? msPerToken, Floor? floor, string mode, string weights, string? output)
     {
         var o = Console.Out;
         o.WriteLine($"{"mode",-10} {"conc",5} {"reqs",5} {"req/s",8} {"tok/s",8} {"p50 ms",9} {"p95 ms",9} {"p99 ms",9} {"ttft p50",9} {"ttft p95",9}");
@@ -228,8 +261,13 @@ internal static partial class BenchCommand
                 $"{r.Mode,-10} {r.Concurrency,5} {r.Samples.Count,5} {r.Samples.Count / r.WallSeconds,8:F2} {r.Samples.Sum(s => s.Tokens) / r.WallSeconds,8:F1} {Percentile(latency, 50),9:F1} {Percentile(latency, 95),9:F1} {Percentile(latency, 99),9:F1} {Percentile(ttft, 50),9:F1} {Percentile(ttft, 95),9:F1}"));
         }
         var imagePath = mode == "mesh" ? "PutImage of a new image" : "EmbedImage";
-        if (imageMs is { } ms) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"vision+qformer: {ms:F1} ms/image ({imagePath}, median, uncached)"));
-        if (msPerToken is { } t) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"decoder at concurrency 1: {t:F2} ms/token (T5 encoder + decoder steps / generated tokens, median)"));
+        string Against(double measured, double? floorMs) => floorMs is { } f && f > 0
+            ? string.Create(CultureInfo.InvariantCulture, $"; floor {f:F1} ms, {measured / f:F2}x") : "";
+        if (imageMs is { } ms) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"vision+qformer: {ms:F1} ms/image ({imagePath}, median, uncached{Against(ms, floor?.ImageMs)})"));
+        if (msPerToken is { } t) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"decoder at concurrency 1: {t:F2} ms/token (T5 encoder + decoder steps / generated tokens, median{Against(t, floor?.PerTokenMs)})"));
+        if (floor is not null)
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"floor: {floor.Machine.ReadGBps:F1} GB/s read, {floor.Machine.Float32Gflops:F0} GFLOP/s float32 GEMM, {floor.Machine.Int8Gops:F0} GOP/s int8 GEMM (measured now); a decode step reads {floor.StepWeightBytes / 1e9:F2} GB of weights, floor {floor.StepMs:F1} ms; a T5 encoder run {floor.EncoderMs:F1} ms"));
         o.WriteLine("peak RSS: " + string.Join(", ", rss.Select(kv => string.Create(CultureInfo.InvariantCulture, $"{kv.Key} {kv.Value:F0} MB"))));
         o.WriteLine($"weights: {weights}");
         if (output is not null) o.WriteLine($"report: {output}");
