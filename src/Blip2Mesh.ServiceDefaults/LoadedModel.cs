@@ -50,6 +50,7 @@ public sealed class LoadedModel<T>(Func<T> load, ServiceHealth health, IHostAppl
             var model = load();
             _ready.SetResult(model);
             health.SetServing();
+            if (options is not null) MeshTelemetry.ModelLoaded(options.Weights);
             if (options is null || options.Weights.IsExact) logger.LogInformation("model loaded in {Seconds:F1} s; serving", started.Elapsed.TotalSeconds);
             else logger.LogInformation("model loaded in {Seconds:F1} s with weights {Weights}; serving", started.Elapsed.TotalSeconds, options.Weights.Label);
         }

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
+using Blip2Mesh.Model.Quantization;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
@@ -43,6 +44,21 @@ public static class MeshTelemetry
         "blip2mesh.cache.misses", null, "Image embeddings computed by the vision and Q-Former stages");
     public static readonly Counter<long> CacheErrors = Meter.CreateCounter<long>(
         "blip2mesh.cache.l2_errors", null, "Redis operations that failed (requests were served without it)");
+
+    private static volatile string? _weights;
+
+    /// <summary>
+    /// Which weights the loaded model runs, as a Prometheus info metric (value 1), so a dashboard can tell an
+    /// approximate deployment from an exact one: blip2mesh_model_weights{weights="int8 (approximate)",approximate="true"} 1.
+    /// </summary>
+    public static readonly ObservableGauge<int> ModelWeights = Meter.CreateObservableGauge(
+        "blip2mesh.model.weights",
+        () => _weights is { } weights
+            ? [new Measurement<int>(1, new("weights", weights), new("approximate", weights == WeightScheme.Exact.Label ? "false" : "true"))]
+            : Array.Empty<Measurement<int>>(),
+        null, "The weight scheme of the loaded model (1 once loaded), labelled approximate when quantized");
+
+    public static void ModelLoaded(WeightScheme weights) => _weights = weights.Label;
 
     public static void AddMeshTelemetry(this WebApplicationBuilder builder, string serviceName)
     {

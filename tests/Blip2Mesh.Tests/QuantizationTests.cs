@@ -45,16 +45,17 @@ public sealed class WeightSchemeTests
         var int8 = WeightScheme.Parse("int8");
         Assert.Equal(ChannelQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight"));
         Assert.Equal(ChannelQuantization.Int8, int8.For(WeightStage.Encoder, "language_model.encoder.block.3.layer.1.DenseReluDense.wo.weight"));
-        Assert.Equal(BlockQuantization.Int8, int8.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
+        Assert.Equal(BlockQuantization.DecoderInt8, int8.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
         Assert.Equal(BlockQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight", ExecutionDevice.Cuda));
     }
 
-    /// <summary>"int8", "int4" (blocks of 32) or "int8 per channel".</summary>
+    /// <summary>"int8", "int4" (blocks of 32), "int8 blocks of 128" or "int8 per channel".</summary>
     internal static LinearQuantization Form(string name) => name switch
     {
         "int8" => BlockQuantization.Int8,
         "int4" => BlockQuantization.Int4,
         "int8 per channel" => ChannelQuantization.Int8,
+        "int8 blocks of 128" => BlockQuantization.DecoderInt8,
         _ => throw new ArgumentException(name),
     };
 
@@ -96,6 +97,7 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
         { "language_model.lm_head.weight", "int8" },
         { "language_model.decoder.block.0.layer.0.SelfAttention.q.weight", "int8" },
         { "language_model.decoder.block.0.layer.2.DenseReluDense.wo.weight", "int8" },
+        { "language_model.decoder.block.0.layer.2.DenseReluDense.wi_0.weight", "int8 blocks of 128" },
     };
 
     [Theory]
@@ -318,7 +320,7 @@ public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDispos
     private double StageWeightError(string checkpoint, Func<string, bool> owns)
     {
         using var weights = Blip2Checkpoint.Open(Fixtures.CheckpointDir(checkpoint));
-        LinearQuantization[] forms = [BlockQuantization.Int8, BlockQuantization.Int4, ChannelQuantization.Int8];
+        LinearQuantization[] forms = [BlockQuantization.Int8, BlockQuantization.DecoderInt8, BlockQuantization.Int4, ChannelQuantization.Int8];
         var cached = Directory.GetFiles(_cache.Root, "*.bin", SearchOption.AllDirectories)
             .Select(f => (Name: Path.GetFileNameWithoutExtension(f), Form: forms.Single(q => q.CacheKey == Path.GetFileName(Path.GetDirectoryName(f))))).ToList();
         var total = 0.0;
@@ -444,6 +446,11 @@ public sealed class QuantizedMeshTests : IDisposable
         using var mesh = new MeshProcess(Fixtures.Demo, 1, null, "--weights", "int8", "--cache-dir", _cache.Root);
         foreach (var stage in new[] { "vision", "qformer", "decoder-0" })
             Assert.Contains($"[{stage}]", mesh.Log.Split('\n').First(l => l.Contains("with weights int8 (approximate); serving") && l.Contains($"[{stage}]")));
+        using (var http = new HttpClient())
+        {
+            foreach (var stage in new[] { "vision", "qformer", "decoder-0" })
+                Assert.Contains("approximate=\"true\",weights=\"int8 (approximate)\"} 1", (await http.GetStringAsync(mesh.Metrics[stage])).Split('\n').Single(l => l.StartsWith("blip2mesh_model_weights{", StringComparison.Ordinal)));
+        }
 
         var client = MeshClients.Gateway(mesh.GatewayAddress, out var channel);
         using var _ = channel;
