@@ -106,9 +106,9 @@ internal static partial class BenchCommand
         var c1 = runs.FirstOrDefault(r => r.Concurrency == 1 && r.Samples.Count > 0);
         double? msPerToken = c1 is null || c1.Samples.Sum(s => s.Tokens) == 0 ? null
             : Percentile(c1.Samples.Where(s => s.Tokens > 0).Select(s => s.DecoderMs / s.Tokens).ToList(), 50);
-        // Measured after the runs and their peak RSS, so the probes' buffers count in neither; unknown for a mesh
-        // started elsewhere, whose weights this command does not know.
-        var floor = addr is null
+        // Measured after the runs and their peak RSS, so the probes' buffers count in neither; the CPU's only (a GPU's
+        // floor is its datasheet's, docs/performance.md), and not for a mesh started elsewhere, whose weights are unknown here.
+        var floor = addr is null && execution.Device == ExecutionDevice.Cpu
             ? MeasureFloor(model, weights, execution.Device, threads ?? Environment.ProcessorCount, prompt, c1 is null ? maxNewTokens : c1.Samples.Average(s => s.Tokens))
             : null;
         var report = new Dictionary<string, object?>
