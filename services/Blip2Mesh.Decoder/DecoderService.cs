@@ -22,7 +22,7 @@ public sealed class DecoderRuntime : IDisposable
         Model = Blip2Model.Load(service.Model, new PixelInput.Rgb8(null, null, null), service.Execution);
         Model.Warm(decoder: true);
         Generator = new Generator(Model);
-        Encoder = new PromptEncoder(Generator, batching.EncoderBatching, batching.MaxEncoderBatch, service.Device);
+        Encoder = new PromptEncoder(Generator, batching, service.Device, n => MeshTelemetry.BatchSize.Record(n, new KeyValuePair<string, object?>("stage", "t5-encoder")));
         logger.LogInformation("{Decision}", Encoder.Decision);
         Batcher = new ContinuousBatcher(Generator, batching,
             onStep: rows => MeshTelemetry.BatchSize.Record(rows, new KeyValuePair<string, object?>("stage", "decoder")));

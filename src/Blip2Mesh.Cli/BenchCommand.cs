@@ -410,7 +410,7 @@ internal static partial class BenchCommand
             // As the services do before reporting SERVING: no run measures building a session.
             _pipeline.Model.Warm(vision: true, qformer: true, decoder: true);
             _batcher = new ContinuousBatcher(_pipeline.Generator);
-            _encoder = new PromptEncoder(_pipeline.Generator, encoderBatching, _batcher.Options.MaxEncoderBatch, execution.Device);
+            _encoder = new PromptEncoder(_pipeline.Generator, _batcher.Options with { EncoderBatching = encoderBatching }, execution.Device);
             Console.Error.WriteLine(_encoder.Decision);
         }
 

@@ -12,7 +12,7 @@ const string ServiceOptions = """
     vision, qformer: [--max-batch N (8)] [--max-batch-delay-ms M (0)]
     decoder: [--max-batch-rows N (64)] [--kv-cache-mb N (1024)] [--max-queued N (1024)]
              [--short-answer-tokens N (32)] [--long-answer-share X (0.75)]
-             [--encoder-batching auto|on|off (auto: measured at start-up, on with CUDA)] [--max-encoder-batch N (8)]
+             [--encoder-batching auto|on|off (auto: measured at start-up, on with CUDA)] [--max-encoder-batch N (8)] [--encoder-batch-delay-ms M (1)]
     gateway: --vision HOST:PORT[,...] --qformer HOST:PORT[,...] --decoder HOST:PORT[,...] [--redis HOST:PORT]
              [--api-keys-file FILE] [--cache-mb N (256)] [--max-image-mb N (20)] [--max-image-work-mb N (448)] [--tls-ca FILE]
              [--model-name NAME (the model folder's name; the OpenAI API's model id)]

@@ -100,6 +100,7 @@ internal static class ServeCommand
             LongAnswerShare = args.Float("long-answer-share") ?? defaults.LongAnswerShare,
             EncoderBatching = BenchCommand.ParseEncoderBatching(args.Optional("encoder-batching")),
             MaxEncoderBatch = args.Int("max-encoder-batch") ?? defaults.MaxEncoderBatch,
+            EncoderBatchDelay = TimeSpan.FromMilliseconds(args.Float("encoder-batch-delay-ms") ?? defaults.EncoderBatchDelay.TotalMilliseconds),
         };
         var limits = Limits(args);
         if (batching.MaxRows < 1) throw new UsageException("--max-batch-rows must be at least 1");
@@ -107,6 +108,7 @@ internal static class ServeCommand
         if (batching.MaxQueued < 0) throw new UsageException("--max-queued must not be negative");
         if (batching.LongAnswerShare is <= 0 or > 1) throw new UsageException("--long-answer-share must be in (0, 1]");
         if (batching.MaxEncoderBatch < 1) throw new UsageException("--max-encoder-batch must be at least 1");
+        if (batching.EncoderBatchDelay < TimeSpan.Zero) throw new UsageException("--encoder-batch-delay-ms must not be negative");
         return () => StageHosts.Decoder(options, batching, limits);
     }
 

@@ -100,18 +100,22 @@ public sealed class BatchingTests
     [Fact]
     public async Task APromptEncoderThatBatchesEncodesWhatArrivesTogetherInOneRunAndGivesTheSameAnswers()
     {
-        var encoder = new PromptEncoder(Pipeline.Generator, EncoderBatching.On, maxBatch: 8, ExecutionDevice.Cpu);
+        // A delay far longer than four Task.Runs take to arrive, so that they always make one run.
+        var batches = new System.Collections.Concurrent.ConcurrentQueue<int>();
+        var encoder = new PromptEncoder(Pipeline.Generator,
+            new ContinuousBatchingOptions { EncoderBatching = EncoderBatching.On, EncoderBatchDelay = TimeSpan.FromMilliseconds(300) }, ExecutionDevice.Cpu, batches.Enqueue);
         Assert.True(encoder.Batches);
         var prompts = new[] { "", "a photo of", "Question: what is in the picture? Answer:", "Question: how many? Answer:" };
         var options = new GenerationOptions { MaxNewTokens = 10 };
         var states = (await Task.WhenAll(prompts.Select((p, i) => Task.Run(() => encoder.StartAsync(Queries(i), Pipeline.Tokenizer.Encode(p), options, CancellationToken.None)))))
             .Select(request => Assert.Single(request)).ToList();
+        Assert.Equal([4], batches);
         foreach (var (state, k) in states.Select((s, k) => (s, k)))
         {
             _ = Pipeline.Generator.Run(state).ToList();
             Assert.Equal(Alone(k, prompts[k], options), state.Results[0].Ids);
         }
-        var off = new PromptEncoder(Pipeline.Generator, EncoderBatching.Auto, maxBatch: 8, ExecutionDevice.Cpu);
+        var off = new PromptEncoder(Pipeline.Generator, new ContinuousBatchingOptions(), ExecutionDevice.Cpu);
         Assert.False(double.IsNaN(off.MeasuredShareOfSingles));
         Assert.Contains("T5 encoder batching", off.Decision);
     }

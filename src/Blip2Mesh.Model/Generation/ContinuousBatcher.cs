@@ -25,6 +25,12 @@ public sealed record ContinuousBatchingOptions
     public EncoderBatching EncoderBatching { get; init; } = EncoderBatching.Auto;
     /// <summary>Most requests encoded in one T5 encoder run.</summary>
     public int MaxEncoderBatch { get; init; } = 8;
+    /// <summary>
+    /// How long a batched encoder run that finds the encoder idle waits for requests arriving with it. Without it a
+    /// burst was encoded as its first request alone, then the rest: at XL size with int8 weights, four requests
+    /// arriving together saw their first token 2.9x later than one alone.
+    /// </summary>
+    public TimeSpan EncoderBatchDelay { get; init; } = TimeSpan.FromMilliseconds(1);
 
     public ContinuousBatchingOptions Validate()
     {
@@ -33,6 +39,7 @@ public sealed record ContinuousBatchingOptions
         if (MaxQueued < 0) throw new ArgumentOutOfRangeException(nameof(MaxQueued), "the queue bound must not be negative");
         if (LongAnswerShare is <= 0 or > 1) throw new ArgumentOutOfRangeException(nameof(LongAnswerShare), "the long-answer share must be in (0, 1]");
         if (MaxEncoderBatch < 1) throw new ArgumentOutOfRangeException(nameof(MaxEncoderBatch), "an encoder batch holds at least one request");
+        if (EncoderBatchDelay < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(EncoderBatchDelay), "the encoder batch delay must not be negative");
         return this;
     }
 }

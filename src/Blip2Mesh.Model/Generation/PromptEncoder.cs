@@ -28,10 +28,13 @@ public sealed class PromptEncoder
     private readonly Generator _generator;
     private readonly DynamicBatcher<(FloatTensor Queries, IReadOnlyList<int> PromptIds, GenerationOptions Options), IReadOnlyList<DecodingState>>? _batcher;
 
-    /// <param name="maxBatch">Most requests encoded in one run.</param>
-    public PromptEncoder(Generator generator, EncoderBatching mode, int maxBatch, ExecutionDevice device)
+    /// <param name="options">Whether to batch (<see cref="ContinuousBatchingOptions.EncoderBatching"/>), how many requests
+    /// at most and how long a run waits for requests arriving with it.</param>
+    /// <param name="onBatch">Told the number of requests of every batched run (for the batch-size metric).</param>
+    public PromptEncoder(Generator generator, ContinuousBatchingOptions options, ExecutionDevice device, Action<int>? onBatch = null)
     {
         _generator = generator;
+        var mode = options.EncoderBatching;
         var batch = mode switch
         {
             EncoderBatching.On => true,
@@ -42,8 +45,9 @@ public sealed class PromptEncoder
         Decision = mode == EncoderBatching.Auto && device != ExecutionDevice.Cuda
             ? $"T5 encoder batching {(batch ? "on" : "off")}: {ProbeRows} rows in one run cost {MeasuredShareOfSingles:P0} of {ProbeRows} single runs (on below {PaysBelow:P0})"
             : $"T5 encoder batching {(batch ? "on" : "off")} ({(mode == EncoderBatching.Auto ? "always on CUDA" : "as configured")})";
-        if (batch && maxBatch > 1)
-            _batcher = new DynamicBatcher<(FloatTensor, IReadOnlyList<int>, GenerationOptions), IReadOnlyList<DecodingState>>(_generator.StartBatch, maxBatch, TimeSpan.Zero);
+        if (batch && options.MaxEncoderBatch > 1)
+            _batcher = new DynamicBatcher<(FloatTensor, IReadOnlyList<int>, GenerationOptions), IReadOnlyList<DecodingState>>(
+                _generator.StartBatch, options.MaxEncoderBatch, options.EncoderBatchDelay, onBatch);
     }
 
     /// <summary>What was decided and why, for the start-up log.</summary>
