@@ -106,7 +106,6 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
     {
         using var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA);
         var q = WeightSchemeTests.Form(form);
-        var bits = form;
         var entry = checkpoint.Weights[weightName].Entry;
         int n = (int)entry.Shape[0], k = (int)entry.Shape[1], rows = 1;
         var w = checkpoint.Weights[weightName].File.ReadFloat32(entry);
@@ -147,14 +146,14 @@ public sealed class QuantizedLinearTests(ITestOutputHelper output) : IDisposable
                 // float32 accumulation of k products, and of the scales' own rounding.
                 var limit = bound * (1 + 1e-5) + magnitude * k * 6e-8;
                 var error = Math.Abs(actual[r * n + o] - exact);
-                Assert.True(error <= limit, $"{weightName} {bits} row {r} output {o}: |error| {error} exceeds the bound {limit}");
+                Assert.True(error <= limit, $"{weightName} {form} row {r} output {o}: |error| {error} exceeds the bound {limit}");
                 // And it is the product with the dequantized weights (float32 compute, activations not quantized).
                 Assert.True(Math.Abs(actual[r * n + o] - dequantized) <= magnitude * k * 6e-8 + bound * 1e-5,
-                    $"{weightName} {bits} row {r} output {o}: {actual[r * n + o]} is not x·dequantized(W)ᵀ = {dequantized}");
+                    $"{weightName} {form} row {r} output {o}: {actual[r * n + o]} is not x·dequantized(W)ᵀ = {dequantized}");
                 if (limit > 0) worstShare = Math.Max(worstShare, error / limit);
             }
         }
-        output.WriteLine($"{weightName} {bits}: worst error is {worstShare:P1} of its bound");
+        output.WriteLine($"{weightName} {form}: worst error is {worstShare:P1} of its bound");
     }
 }
 

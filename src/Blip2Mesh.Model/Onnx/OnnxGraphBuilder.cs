@@ -10,11 +10,11 @@ namespace Blip2Mesh.Model.Onnx;
 public enum QuantizedCompute
 {
     /// <summary>float32 products with the dequantized weights, so the weights' rounding is the only error (MatMulNBits'
-    /// accuracy_level 0, which dequantizes every run for 8-bit weights on x86; DequantizeLinear + MatMul per channel).</summary>
+    /// accuracy_level 0, which dequantizes every run for 8-bit weights on x86; per channel, MatMul on the weights widened at load).</summary>
     Float32 = 0,
     /// <summary>
     /// Activations rounded to int8 and integer dot products: per block for MatMulNBits (accuracy_level 4: AVX2/VNNI,
-    /// ARM SDOT; CUDA's kernels ignore it), per row for MatMulInteger. On the demo dev set it moves block int8 from
+    /// ARM SDOT; CUDA's kernels ignore it), per row for MatMulIntegerToFloat. On the demo dev set it moves block int8 from
     /// 98.9% to 98.6% of answers equal to float32's and int4 from 92.8% to 93.1%, and block int8 from 0.68 to
     /// 0.26 ms/token (exact weights: 0.28).
     /// </summary>
@@ -73,7 +73,7 @@ public sealed class OnnxGraphBuilder
     /// <summary>
     /// x · Wᵀ for the Linear weight <paramref name="hfName"/> ([out, in], HF's layout): FusedMatMul(transB) on the
     /// exact weight, or, when this graph's Linears are quantized, MatMulNBits on its block-quantized form or
-    /// MatMulInteger on its per-channel form.
+    /// MatMulIntegerToFloat on its per-channel form.
     /// </summary>
     public string MatMulTransposed(string name, string x, string hfName, long outFeatures, long inFeatures)
     {

@@ -8,7 +8,7 @@ namespace Blip2Mesh.Model.Quantization;
 /// <item><see cref="BlockQuantization"/>: ONNX Runtime MatMulNBits' B, uint8 [N, ceil(K / block), block·bits/8]
 /// (4-bit: element 2i in the low nibble, 2i+1 in the high one; with no zero_points input the stored value is
 /// level + 2^(bits−1)), and float32 scales [N · ceil(K / block)].</item>
-/// <item><see cref="ChannelQuantization"/>: MatMulInteger's B, int8 [K, N] (transposed), and float32 scales [N].</item>
+/// <item><see cref="ChannelQuantization"/>: MatMulIntegerToFloat's B, int8 [K, N] (transposed), and float32 scales [N].</item>
 /// </list>
 /// Reads the checkpoint's bytes row by row, so a weight is never widened to float32 as a whole.
 /// </summary>

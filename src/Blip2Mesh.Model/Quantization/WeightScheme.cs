@@ -46,7 +46,7 @@ public sealed record BlockQuantization(int Bits, int BlockSize) : LinearQuantiza
 }
 
 /// <summary>
-/// int8 with one scale per output feature, stored transposed as int8 [in, out] for ONNX MatMulInteger, which the
+/// int8 with one scale per output feature, stored transposed as int8 [in, out] for MatMulIntegerToFloat, which the
 /// graph feeds each activation row rounded to int8 with its own scale: an integer GEMM (AMX or VNNI through MLAS)
 /// for the stages whose Linears see hundreds of rows per run (vision: 257 per image). Per row, so a row's result never
 /// depends on the rows batched with it. In the XL vision stage its products took 0.33 s where MatMulNBits int8's took
