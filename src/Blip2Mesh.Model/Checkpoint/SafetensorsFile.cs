@@ -1,6 +1,7 @@
 using System.IO.MemoryMappedFiles;
 using System.Runtime.InteropServices;
 using System.Text.Json;
+using Blip2Mesh.Model.Runtime;
 
 namespace Blip2Mesh.Model.Checkpoint;
 
@@ -117,19 +118,7 @@ public sealed unsafe class SafetensorsFile : IDisposable
     /// keeps them, and a later read faults them back in). Quantizing reads every float32 weight once; without this
     /// a first start counted the whole checkpoint in its RSS (19.6 GB for the 15.8 GB XL, against 7.1 GB later).
     /// </summary>
-    public void ReleasePages(SafetensorsEntry entry)
-    {
-        if (!OperatingSystem.IsLinux() || entry.Length == 0) return;
-        var page = Environment.SystemPageSize;
-        var start = (long)(_base + entry.Offset) / page * page;
-        var end = (long)(_base + entry.Offset + entry.Length);
-        _ = Madvise((IntPtr)start, (UIntPtr)(ulong)(end - start), MadviseDontNeed); // advisory: a failure only costs memory
-    }
-
-    private const int MadviseDontNeed = 4;
-
-    [DllImport("libc", EntryPoint = "madvise")]
-    private static extern int Madvise(IntPtr address, UIntPtr length, int advice);
+    public void ReleasePages(SafetensorsEntry entry) => MappedPages.Release(DataPointer(entry), entry.Length);
 
     /// <summary>Reads a floating-point tensor as float32, widening float16/bfloat16 exactly.</summary>
     public float[] ReadFloat32(string name) => ReadFloat32(this[name]);

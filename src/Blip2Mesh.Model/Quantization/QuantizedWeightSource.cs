@@ -43,6 +43,8 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
     }
 
     public string ExternalDataFolder { get; }
+    /// <summary>Where this checkpoint's quantized tensors are cached, one subfolder per format.</summary>
+    public string CacheFolder => _cacheFolder;
     public Blip2Config Config => _checkpoint.Config;
     public bool Has(string name) => _checkpoint.Has(name);
 

@@ -42,6 +42,8 @@ public sealed class Blip2Model : IDisposable
     /// <summary>Where the graphs' weights come from: the checkpoint itself, or it plus the quantized-weight cache.</summary>
     private readonly IWeightSource _weights;
     private readonly string _externalDataFolder;
+    /// <summary>The quantized-weight cache's folder for this checkpoint; null when every weight is exact.</summary>
+    private readonly string? _cacheFolder;
 
     public Blip2Checkpoint Checkpoint { get; }
     public Blip2Config Config => Checkpoint.Config;
@@ -62,6 +64,7 @@ public sealed class Blip2Model : IDisposable
             var quantized = new QuantizedWeightSource(checkpoint, execution.WeightCache ?? QuantizedWeightSource.DefaultCacheRoot());
             _weights = quantized;
             _externalDataFolder = quantized.ExternalDataFolder;
+            _cacheFolder = quantized.CacheFolder;
         }
         var graphs = StageGraphs(rgbNormalization).ToDictionary(g => g.Name, g => g.Build);
         _visionPixelValues = Stage("vision", WeightStage.Vision, graphs["vision"]);
@@ -88,24 +91,35 @@ public sealed class Blip2Model : IDisposable
 
     /// <param name="stage">Whose Linear weights the graph holds (null: none), so whose quantization applies.</param>
     private Lazy<StageSession> Stage(string name, WeightStage? stage, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
-        new(() => new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
-            Checkpoint, _externalDataFolder, _execution));
+        new(() =>
+        {
+            var session = new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
+                Checkpoint, _externalDataFolder, _execution);
+            // MatMulNBits (x86, int8 compute) packs its scales into its own buffer yet keeps the scales tensor, which
+            // ONNX Runtime memory-maps from the cache: 424 MB resident at XL int4 that no kernel reads again.
+            if (_cacheFolder is not null && _execution.Device == ExecutionDevice.Cpu) MappedPages.ReleaseMappingsUnder(_cacheFolder);
+            return session;
+        });
 
     private Func<string, LinearQuantization?>? Linears(WeightStage? stage) =>
         stage is { } s && _execution.Weights.For(s) is not null ? weight => _execution.Weights.For(s, weight, _execution.Device) : null;
 
-    /// <summary>Builds the sessions of the named stages now rather than on first request.</summary>
+    /// <summary>
+    /// Builds the sessions of the named stages now rather than on first request. The decoder's come first: building it
+    /// briefly holds its exact lm_head twice (mapped, and packed by its kernel; 263 MB at XL), best done before the
+    /// other stages' weights are resident (at XL int4 that peak was 4317 MB with the decoder built last).
+    /// </summary>
     public void Warm(bool vision = false, bool qformer = false, bool decoder = false)
     {
-        if (vision) _ = _visionRgb8.Value;
-        if (qformer) _ = _qformer.Value;
         if (decoder)
         {
-            _ = _encoder.Value;
             _ = _decoder.Value;
+            _ = _encoder.Value;
             if (_execution.Device != ExecutionDevice.Cpu)
                 foreach (var regroup in _cacheRegroup) _ = regroup.Value;
         }
+        if (vision) _ = _visionRgb8.Value;
+        if (qformer) _ = _qformer.Value;
     }
 
     /// <summary>Vision stage on preprocessed float pixel_values [B, 3, H, W] → image_embeds [B, N, Dv].</summary>
