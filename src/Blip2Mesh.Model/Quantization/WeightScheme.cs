@@ -30,7 +30,7 @@ public sealed record BlockQuantization(int Bits, int BlockSize) : LinearQuantiza
     public static readonly BlockQuantization Int8 = new(8, DefaultBlockSize);
     /// <summary>
     /// int4 in blocks of 64. MLAS' int8-compute kernel packs two floats per block beside the 4-bit weights (its scale
-    /// and the block's sum), so at 32 those were 0.25 of the 0.75 bytes a weight held at XL, and the int4 mesh peaked at
+    /// and the block's sum), so at 32 those were 0.25 of the 0.75 bytes a weight held, and an int4 XL bench peaked at
     /// 4207 MB; at 64 it peaks at 3740–3785 MB and streams no slower. Demo dev set: 90.8% of answers equal float32's
     /// (blocks of 32: 92.3%), though there a row is 96–256 weights long (XL's: 1408–6144).
     /// </summary>
