@@ -496,3 +496,54 @@ public sealed class QuantizedCacheResidencyTests : IDisposable
         Assert.Equal(expected.OutputText, pipeline.Generate(queries, expected.Prompt, DemoReferences.Options).Last().Final!.Text.Trim());
     }
 }
+
+public sealed class CheckpointFingerprintTests : IDisposable
+{
+    private readonly string _copy = Path.Combine(Path.GetTempPath(), $"blip2mesh-fingerprint-{Guid.NewGuid():N}");
+
+    public void Dispose() { if (Directory.Exists(_copy)) Directory.Delete(_copy, recursive: true); }
+
+    /// <summary>The quantized cache and the stages' compatibility checks are keyed by it: a copy of the same weights
+    /// elsewhere is the same model, and a change at a tensor's start, middle or end (here one byte) is another. A
+    /// change elsewhere only is not seen: it samples rather than hashing gigabytes.</summary>
+    [Fact]
+    public void TheFingerprintSamplesEveryTensorAtItsStartMiddleAndEnd()
+    {
+        Directory.CreateDirectory(_copy);
+        foreach (var file in Directory.GetFiles(Fixtures.TinyA)) File.Copy(file, Path.Combine(_copy, Path.GetFileName(file)));
+        string original, path;
+        long first, middle, last;
+        using (var checkpoint = Blip2Checkpoint.Open(Fixtures.TinyA))
+        {
+            original = checkpoint.Fingerprint;
+            var weight = checkpoint.Weights["language_model.shared.weight"];
+            path = Path.Combine(_copy, Path.GetFileName(weight.File.Path));
+            first = weight.Entry.Offset;
+            middle = weight.Entry.Offset + weight.Entry.Length / 2;
+            last = weight.Entry.Offset + weight.Entry.Length - 1;
+        }
+        Assert.Equal(original, Fingerprint());
+        foreach (var position in new[] { first, middle, last })
+        {
+            FlipByte(path, position);
+            Assert.NotEqual(original, Fingerprint());
+            FlipByte(path, position);
+            Assert.Equal(original, Fingerprint());
+        }
+    }
+
+    private string Fingerprint()
+    {
+        using var checkpoint = Blip2Checkpoint.Open(_copy);
+        return checkpoint.Fingerprint;
+    }
+
+    private static void FlipByte(string path, long position)
+    {
+        using var stream = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
+        stream.Position = position;
+        var value = stream.ReadByte();
+        stream.Position = position;
+        stream.WriteByte((byte)(value ^ 0xFF));
+    }
+}

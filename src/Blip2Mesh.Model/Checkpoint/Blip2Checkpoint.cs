@@ -89,6 +89,8 @@ public sealed class Blip2Checkpoint : IWeightSource, IDisposable
         return new WeightLocation(name, weight.Entry.DType, weight.Entry.Shape, Path.GetRelativePath(Directory, weight.File.Path), weight.Entry.Offset, weight.Entry.Length);
     }
 
+    private const int FingerprintSample = 256;
+
     private string ComputeFingerprint(string configPath)
     {
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
@@ -96,9 +98,14 @@ public sealed class Blip2Checkpoint : IWeightSource, IDisposable
         foreach (var w in _weights.Values.OrderBy(w => w.Name, StringComparer.Ordinal))
         {
             sha.AppendData(Encoding.UTF8.GetBytes($"{w.Name}|{w.Entry.DType}|{string.Join(",", w.Entry.Shape)}\n"));
-            // A sample of each tensor's bytes tells apart checkpoints of one architecture without hashing GBs.
+            // Samples of each tensor's bytes, at its start, middle and end, tell apart checkpoints of one architecture
+            // without hashing GBs (a fine-tune that touched any part of a tensor moves its samples). Their pages are
+            // dropped again: nothing else reads this mapping unless weights are quantized.
             var bytes = w.File.Bytes(w.Entry);
-            sha.AppendData(bytes[..Math.Min(bytes.Length, 256)]);
+            var sample = Math.Min(bytes.Length, FingerprintSample);
+            foreach (var start in new[] { 0, (bytes.Length - sample) / 2, bytes.Length - sample }.Distinct())
+                sha.AppendData(bytes.Slice(start, sample));
+            w.File.ReleasePages(w.Entry);
         }
         return Convert.ToHexStringLower(sha.GetHashAndReset())[..16];
     }
