@@ -99,7 +99,7 @@ public sealed class Blip2Checkpoint : IWeightSource, IDisposable
         {
             sha.AppendData(Encoding.UTF8.GetBytes($"{w.Name}|{w.Entry.DType}|{string.Join(",", w.Entry.Shape)}\n"));
             // Samples of each tensor's bytes, at its start, middle and end, tell apart checkpoints of one architecture
-            // without hashing GBs (a fine-tune that touched any part of a tensor moves its samples). Their pages are
+            // without hashing GBs (training moves a tensor's bytes throughout, so its samples too). Their pages are
             // dropped again: nothing else reads this mapping unless weights are quantized.
             var bytes = w.File.Bytes(w.Entry);
             var sample = Math.Min(bytes.Length, FingerprintSample);

@@ -23,13 +23,12 @@ public interface IQuantizedWeightSource : IWeightSource
 public sealed class QuantizedWeightSource : IQuantizedWeightSource
 {
     private readonly Blip2Checkpoint _checkpoint;
-    private readonly string _cacheFolder;
 
     public QuantizedWeightSource(Blip2Checkpoint checkpoint, string cacheRoot)
     {
         _checkpoint = checkpoint;
-        _cacheFolder = Path.Combine(Path.GetFullPath(cacheRoot), checkpoint.Fingerprint);
-        ExternalDataFolder = CommonFolder(checkpoint.Directory, _cacheFolder);
+        CacheFolder = Path.Combine(Path.GetFullPath(cacheRoot), checkpoint.Fingerprint);
+        ExternalDataFolder = CommonFolder(checkpoint.Directory, CacheFolder);
     }
 
     /// <summary>$XDG_CACHE_HOME/blip2mesh/weights, else ~/.cache/blip2mesh/weights (the local application data folder on Windows).</summary>
@@ -44,7 +43,7 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
 
     public string ExternalDataFolder { get; }
     /// <summary>Where this checkpoint's quantized tensors are cached, one subfolder per format.</summary>
-    public string CacheFolder => _cacheFolder;
+    public string CacheFolder { get; }
     public Blip2Config Config => _checkpoint.Config;
     public bool Has(string name) => _checkpoint.Has(name);
 
@@ -59,7 +58,7 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
         var weight = _checkpoint.Weight(name, outFeatures, inFeatures);
         var packedLength = LinearQuantizer.PackedBytes(outFeatures, inFeatures, quantization);
         var scalesLength = LinearQuantizer.ScaleCount(outFeatures, inFeatures, quantization) * sizeof(float);
-        var path = Path.Combine(_cacheFolder, quantization.CacheKey, name + ".bin");
+        var path = Path.Combine(CacheFolder, quantization.CacheKey, name + ".bin");
         if (!File.Exists(path) || new FileInfo(path).Length != packedLength + scalesLength)
         {
             try
@@ -69,7 +68,7 @@ public sealed class QuantizedWeightSource : IQuantizedWeightSource
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 throw new InvalidOperationException(
-                    $"the quantized weights of {_checkpoint.Directory} cannot be written to the cache folder {_cacheFolder}; give a writable folder with --cache-dir", e);
+                    $"the quantized weights of {_checkpoint.Directory} cannot be written to the cache folder {CacheFolder}; give a writable folder with --cache-dir", e);
             }
         }
         return new QuantizedWeightLocation(name, outFeatures, inFeatures, quantization, Relative(path), packedLength, packedLength, scalesLength);
