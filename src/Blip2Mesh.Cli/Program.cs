@@ -45,6 +45,7 @@ Command[] commands =
         """, UpCommand.Run),
     new("serve", "one service of the mesh in this process", $"""
         usage: blip2mesh serve vision|qformer|decoder|gateway --model DIR --port N [options]
+        Prints "listening P N" once it listens: its gRPC and HTTP ports ("-" for none), chosen by the system for 0.
         {ServiceOptions}
         """, ServeCommand.Run),
     new("dump", "every stage's output for an image, as safetensors", """

@@ -6,6 +6,10 @@ using Blip2Mesh.Model.Runtime;
 using Blip2Mesh.ServiceDefaults;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Connections;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.DependencyInjection;
 
 namespace Blip2Mesh.Cli;
 
@@ -49,7 +53,13 @@ internal static class ServeCommand
         var app = build();
         try
         {
-            app.Run();
+            app.Start();
+            // Machine-readable, for `up`, which starts its stages on port 0 (the system's choice, so no other process
+            // can take a port between choosing and binding it): the gRPC port, then the HTTP port or "-".
+            var ports = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses
+                .Select(a => new Uri(a).Port).ToList();
+            Console.Out.WriteLine($"listening {ports[0]} {(ports.Count > 1 ? ports[1] : "-")}");
+            app.WaitForShutdown();
         }
         catch (IOException e) when (e.InnerException is AddressInUseException)
         {

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.Net;
 using System.Runtime.InteropServices;
 using Blip2Mesh.Model.Checkpoint;
@@ -13,7 +14,12 @@ namespace Blip2Mesh.Cli;
 /// </summary>
 internal static partial class UpCommand
 {
-    private sealed record Service(string Name, int Port, int? HttpPort, Process Process);
+    /// <summary>A started service; <see cref="Port"/> and <see cref="HttpPort"/> once it has said where it listens.</summary>
+    private sealed record Service(string Name, Process Process, Task<(int Port, int? HttpPort)> Listening)
+    {
+        public int Port => Listening.Result.Port;
+        public int? HttpPort => Listening.Result.HttpPort;
+    }
 
     public static int Run(string[] argv)
     {
@@ -45,12 +51,16 @@ internal static partial class UpCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stopping.Cancel(); });
         try
         {
-            var vision = Start(services, "vision", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs);
-            var qformer = Start(services, "qformer", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs);
-            var decoderPorts = Enumerable.Range(0, decoders).Select(i => Start(services, $"decoder-{i}", model, device, threads, LoopbackPorts.Free(), LoopbackPorts.Free(), weightArgs).Port).ToList();
+            // The stages listen on ports the system chooses (0): a port chosen here could be taken by another process
+            // before the stage binds it. The gateway starts once they have said which.
+            Service StartStage(string name) => Start(services, name, model, device, threads, 0, 0, weightArgs);
+            var vision = StartStage("vision");
+            var qformer = StartStage("qformer");
+            var stageDecoders = Enumerable.Range(0, decoders).Select(i => StartStage($"decoder-{i}")).ToList();
+            foreach (var stage in services.ToList()) WaitUntilListening(stage);
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
-                "--decoder", string.Join(",", decoderPorts.Select(p => $"127.0.0.1:{p}"))];
-            Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]);
+                "--decoder", string.Join(",", stageDecoders.Select(d => $"127.0.0.1:{d.Port}"))];
+            WaitUntilListening(Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]));
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
@@ -76,28 +86,45 @@ internal static partial class UpCommand
         }
     }
 
-    private static Service Start(List<Service> services, string name, string model, string device, int threads, int port, int? httpPort = null, params string[] extra)
+    private static Service Start(List<Service> services, string name, string model, string device, int threads, int port, int httpPort, params string[] extra)
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         start.ArgumentList.Add(typeof(UpCommand).Assembly.Location);
-        foreach (var arg in (string[])["serve", name.Split('-')[0], "--model", model, "--port", port.ToString(), "--device", device, "--threads", threads.ToString()])
+        foreach (var arg in (string[])["serve", name.Split('-')[0], "--model", model, "--port", port.ToString(), "--http-port", httpPort.ToString(), "--device", device, "--threads", threads.ToString()])
             start.ArgumentList.Add(arg);
-        if (httpPort is { } http) { start.ArgumentList.Add("--http-port"); start.ArgumentList.Add(http.ToString()); }
         foreach (var arg in extra) start.ArgumentList.Add(arg);
         var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start the {name} service");
+        var listening = new TaskCompletionSource<(int, int?)>(TaskCreationOptions.RunContinuationsAsynchronously);
         // Service logs go to stderr, prefixed, so stdout stays the machine-readable "ready" line.
         // JSON log lines pass through as they are (they name their service), so `jq` reads them; others get a prefix.
         void Forward(string? line)
         {
             if (line is not null) Console.Error.WriteLine(line.StartsWith('{') ? line : $"[{name}] {line}");
         }
-        process.OutputDataReceived += (_, e) => Forward(e.Data);
+        process.OutputDataReceived += (_, e) =>
+        {
+            // serve's "listening P N" (N: "-" for none)
+            if (e.Data?.Split(' ') is ["listening", var grpc, var http])
+                listening.TrySetResult((int.Parse(grpc, CultureInfo.InvariantCulture), http == "-" ? null : int.Parse(http, CultureInfo.InvariantCulture)));
+            else Forward(e.Data);
+        };
         process.ErrorDataReceived += (_, e) => Forward(e.Data);
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
-        var service = new Service(name, port, httpPort, process);
+        var service = new Service(name, process, listening.Task);
         services.Add(service);
         return service;
+    }
+
+    private static void WaitUntilListening(Service service)
+    {
+        while (!service.Listening.Wait(TimeSpan.FromMilliseconds(200)))
+        {
+            if (!service.Process.HasExited) continue;
+            service.Process.WaitForExit(); // its last output, which may still say where it listened
+            if (service.Listening.IsCompleted) return;
+            throw new InvalidOperationException($"the {service.Name} service exited with code {service.Process.ExitCode} before it listened");
+        }
     }
 
     private static void WaitUntilServing(List<Service> services, CancellationToken stopping)
@@ -134,6 +161,7 @@ internal static partial class UpCommand
         foreach (var service in services)
         {
             if (!service.Process.WaitForExit(TimeSpan.FromSeconds(35))) service.Process.Kill(entireProcessTree: true);
+            service.Process.WaitForExit(); // drains the forwarded output, so a service's last words are not lost
             service.Process.Dispose();
         }
     }

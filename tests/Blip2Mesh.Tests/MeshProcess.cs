@@ -38,8 +38,12 @@ public sealed partial class MeshProcess : IDisposable
             var read = _process.StandardOutput.ReadLineAsync();
             if (!read.Wait(deadline - DateTime.UtcNow) || read.Result is null)
             {
+                // Dispose waits for the exit, which drains stderr too: the log then holds why the mesh stopped.
+                var exited = _process.HasExited;
                 Dispose();
-                throw new InvalidOperationException($"the mesh did not become ready:\n{Log}");
+                // Why first: a CI log shows only a failure's first lines.
+                var why = Log.Split('\n', StringSplitOptions.RemoveEmptyEntries).Where(l => l.Contains("crit:") || l.Contains("fail:") || l.StartsWith("blip2mesh")).Take(4);
+                throw new InvalidOperationException($"the mesh {(exited ? "exited" : "did not become ready in time")}: {string.Join(" | ", why)}\nits log:\n{Log}");
             }
             var parts = read.Result.Split(' ');
             if (parts[0] == "service") services[parts[1]] = parts[2];
@@ -65,6 +69,7 @@ public sealed partial class MeshProcess : IDisposable
             _ = Kill(_process.Id, 15);
             if (!_process.WaitForExit(TimeSpan.FromSeconds(60))) _process.Kill(entireProcessTree: true);
         }
+        _process.WaitForExit();
         _process.Dispose();
     }
 

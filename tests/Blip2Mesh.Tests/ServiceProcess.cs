@@ -9,22 +9,23 @@ namespace Blip2Mesh.Tests;
 /// <summary>One `blip2mesh serve …` process on loopback, for tests that kill and restart services.</summary>
 public sealed partial class ServiceProcess : IDisposable
 {
-    private readonly string[] _arguments;
+    private readonly string _service;
+    private readonly string[] _extra;
     private Process? _process;
     private readonly StringBuilder _log = new();
 
     public string Name { get; }
-    public int Port { get; }
-    public int HttpPort { get; }
+    /// <summary>The ports the system chose on the first start (serve's "listening P N"); restarts keep them.</summary>
+    public int Port { get; private set; }
+    public int HttpPort { get; private set; }
     public string Address => $"127.0.0.1:{Port}";
     public string Log { get { lock (_log) return _log.ToString(); } }
 
     public ServiceProcess(string service, string model, params string[] extra)
     {
         Name = service;
-        Port = MeshProcess.FreePort();
-        HttpPort = MeshProcess.FreePort();
-        _arguments = ["serve", service, "--model", model, "--port", Port.ToString(), "--http-port", HttpPort.ToString(), .. extra];
+        _service = service;
+        _extra = [.. extra, "--model", model];
         Start();
     }
 
@@ -33,19 +34,29 @@ public sealed partial class ServiceProcess : IDisposable
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
-        foreach (var arg in _arguments) start.ArgumentList.Add(arg);
+        foreach (var arg in (string[])["serve", _service, "--port", Port.ToString(), "--http-port", HttpPort.ToString(), .. _extra]) start.ArgumentList.Add(arg);
+        var listening = new TaskCompletionSource<(int, int)>(TaskCreationOptions.RunContinuationsAsynchronously);
         _process = Process.Start(start)!;
-        _process.OutputDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
+        _process.OutputDataReceived += (_, e) =>
+        {
+            if (e.Data?.Split(' ') is ["listening", var grpc, var http]) listening.TrySetResult((int.Parse(grpc), int.Parse(http)));
+            lock (_log) _log.AppendLine(e.Data);
+        };
         _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
         _process.BeginOutputReadLine();
         _process.BeginErrorReadLine();
+        var deadline = DateTime.UtcNow.AddMinutes(2);
+        while (!listening.Task.Wait(TimeSpan.FromMilliseconds(100)))
+            if (_process.HasExited || DateTime.UtcNow > deadline)
+                throw new InvalidOperationException($"{Name} did not say where it listens:\n{Log}");
+        (Port, HttpPort) = listening.Task.Result;
         WaitServing(TimeSpan.FromMinutes(2));
     }
 
     private void WaitServing(TimeSpan timeout)
     {
         // A TLS service is checked over TLS; which CA signed it is the business of the tests that use it.
-        var tls = _arguments.Contains("--tls-cert");
+        var tls = _extra.Contains("--tls-cert");
         using var channel = GrpcChannel.ForAddress($"{(tls ? "https" : "http")}://{Address}", new GrpcChannelOptions
         {
             HttpHandler = new SocketsHttpHandler { SslOptions = { RemoteCertificateValidationCallback = (_, _, _, _) => true } },
