@@ -93,12 +93,11 @@ public sealed class Blip2Model : IDisposable
     private Lazy<StageSession> Stage(string name, WeightStage? stage, Func<OnnxGraphBuilder, Onnx.Proto.ModelProto> build) =>
         new(() =>
         {
-            var session = new StageSession(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
+            StageSession Build() => new(name, build(new OnnxGraphBuilder(_weights, name, Linears(stage), _execution.QuantizedCompute)),
                 Checkpoint, _externalDataFolder, _execution);
             // MatMulNBits (x86, int8 compute) packs its scales into its own buffer yet keeps the scales tensor, which
             // ONNX Runtime memory-maps from the cache: 424 MB resident at XL int4 that no kernel reads again.
-            if (_cacheFolder is not null && _execution.Device == ExecutionDevice.Cpu) MappedPages.ReleaseMappingsUnder(_cacheFolder);
-            return session;
+            return _cacheFolder is not null && _execution.Device == ExecutionDevice.Cpu ? MappedPages.ReleaseNewMappingsUnder(_cacheFolder, Build) : Build();
         });
 
     private Func<string, LinearQuantization?>? Linears(WeightStage? stage) =>

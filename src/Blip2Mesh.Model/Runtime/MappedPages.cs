@@ -21,14 +21,19 @@ public static class MappedPages
     }
 
     /// <summary>
-    /// Releases every page of every mapping of a file under <paramref name="folder"/>, whoever mapped it (ONNX Runtime
-    /// maps external data itself, private and writable though it never writes). A mapping with pages written since
-    /// (copied on write: "Anonymous" in smaps) is left alone: dropping those would lose the writes.
+    /// Runs <paramref name="map"/>, then releases every page of the mappings of files under <paramref name="folder"/>
+    /// that appeared while it ran (ONNX Runtime maps external data itself, private and writable though it never writes).
+    /// Only new ones: a mapping from before may be unmapped by another thread meanwhile and its addresses reused, and
+    /// dropping those would zero someone's memory. A mapping with pages written since (copied on write: "Anonymous"
+    /// in smaps) is left alone too: dropping those would lose the writes.
     /// </summary>
-    public static void ReleaseMappingsUnder(string folder)
+    public static T ReleaseNewMappingsUnder<T>(string folder, Func<T> map)
     {
-        foreach (var mapping in MappingsUnder(folder).Where(m => m.AnonymousKilobytes == 0).ToList())
+        var before = MappingsUnder(folder).Select(m => m.Start).ToHashSet();
+        var result = map();
+        foreach (var mapping in MappingsUnder(folder).Where(m => !before.Contains(m.Start) && m.AnonymousKilobytes == 0).ToList())
             Release((IntPtr)mapping.Start, mapping.End - mapping.Start);
+        return result;
     }
 
     /// <summary>One mapping of a file, from /proc/self/smaps: its address range and how much of it is resident, and written.</summary>
