@@ -40,7 +40,7 @@ public sealed class WeightSchemeTests
         Assert.Null(int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wo.weight"));
         Assert.Null(int4.For(WeightStage.Decoder, "language_model.lm_head.weight"));
         Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Encoder, "language_model.encoder.block.3.layer.1.DenseReluDense.wo.weight"));
-        Assert.Equal(BlockQuantization.Int4, int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
+        Assert.Equal(BlockQuantization.DecoderInt4, int4.For(WeightStage.Decoder, "language_model.decoder.block.3.layer.2.DenseReluDense.wi_0.weight"));
         // int8: per output channel where a run multiplies many rows, blocks in the decoder.
         var int8 = WeightScheme.Parse("int8");
         Assert.Equal(ChannelQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight"));
@@ -49,7 +49,7 @@ public sealed class WeightSchemeTests
         Assert.Equal(BlockQuantization.Int8, int8.For(WeightStage.Vision, "vision_model.encoder.layers.0.mlp.fc1.weight", ExecutionDevice.Cuda));
     }
 
-    /// <summary>"int8" (blocks of 32), "int4" (blocks of 64), "int8 blocks of 128" or "int8 per channel".</summary>
+    /// <summary>"int8" (blocks of 32), "int4" (blocks of 128), "int8 blocks of 128" or "int8 per channel".</summary>
     internal static LinearQuantization Form(string name) => name switch
     {
         "int8" => BlockQuantization.Int8,
@@ -319,7 +319,7 @@ public sealed class QuantizedStageErrorTests(ITestOutputHelper output) : IDispos
     private double StageWeightError(string checkpoint, Func<string, bool> owns)
     {
         using var weights = Blip2Checkpoint.Open(Fixtures.CheckpointDir(checkpoint));
-        LinearQuantization[] forms = [BlockQuantization.Int8, BlockQuantization.DecoderInt8, BlockQuantization.Int4, ChannelQuantization.Int8];
+        LinearQuantization[] forms = [BlockQuantization.Int8, BlockQuantization.DecoderInt8, BlockQuantization.Int4, BlockQuantization.DecoderInt4, ChannelQuantization.Int8];
         var cached = Directory.GetFiles(_cache.Root, "*.bin", SearchOption.AllDirectories)
             .Select(f => (Name: Path.GetFileNameWithoutExtension(f), Form: forms.Single(q => q.CacheKey == Path.GetFileName(Path.GetDirectoryName(f))))).ToList();
         var total = 0.0;
@@ -378,7 +378,7 @@ public sealed class QuantizedWeightCacheTests : IDisposable
         Assert.Equal(written, File.GetLastWriteTimeUtc(file));
         Assert.Equal(Path.GetFullPath(file), Path.GetFullPath(Path.Combine(source.ExternalDataFolder, again.Location)));
 
-        var int4 = source.DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.Int4);
+        var int4 = source.DescribeQuantized(Weight, shape[0], shape[1], BlockQuantization.DecoderInt4);
         Assert.NotEqual(again.Location, int4.Location);
         Assert.Equal(first.PackedLength / 2, int4.PackedLength);
         // Exact weights come from the checkpoint, relative to the same folder.

@@ -29,12 +29,15 @@ public sealed record BlockQuantization(int Bits, int BlockSize) : LinearQuantiza
     public const int DefaultBlockSize = 32;
     public static readonly BlockQuantization Int8 = new(8, DefaultBlockSize);
     /// <summary>
-    /// int4 in blocks of 64. MLAS' int8-compute kernel packs two floats per block beside the 4-bit weights (its scale
-    /// and the block's sum), so at 32 those were 0.25 of the 0.75 bytes a weight held, and an int4 XL bench peaked at
-    /// 4207 MB; at 64 it peaks at 3740–3785 MB and streams no slower. Demo dev set: 90.8% of answers equal float32's
-    /// (blocks of 32: 92.3%), though there a row is 96–256 weights long (XL's: 1408–6144).
+    /// int4 for vision, Q-Former and the T5 encoder, in blocks of 128. MLAS' int8-compute kernel packs two floats per
+    /// block beside the 4-bit weights (its scale and the block's sum): 0.25 of the 0.75 bytes a weight holds at blocks
+    /// of 32, 0.0625 at 128. At 32 an int4 XL bench peaked at 4207 MB. Demo dev set, with the decoder at
+    /// <see cref="DecoderInt4"/>: 92.2% of answers equal float32's (these stages at 64: 90.8%), though there a row is
+    /// 96–256 weights long, so a block of 128 is most of one (XL's rows: 1408–6144).
     /// </summary>
-    public static readonly BlockQuantization Int4 = new(4, 64);
+    public static readonly BlockQuantization Int4 = new(4, 128);
+    /// <summary>The decoder's int4 blocks: at 128 the demo dev set fell to 88.2% of answers equal float32's.</summary>
+    public static readonly BlockQuantization DecoderInt4 = new(4, 64);
     /// <summary>
     /// The decoder's int8 blocks: at one row per step MLAS' 8-bit kernel is bound by its per-block work, not by
     /// memory, and streamed 32 XL-sized layers at 19.8 GB/s with blocks of 128 against 15.2 with 32 (this machine
@@ -91,8 +94,9 @@ public sealed record WeightScheme
     /// <summary>
     /// How the Linear weight <paramref name="weightName"/> of <paramref name="stage"/> is stored; null when exact.
     /// On the CPU, int8 outside the decoder is per output channel (<see cref="ChannelQuantization"/>: those stages
-    /// multiply many rows at once, and MLAS' integer GEMM is the fast kernel for that); the decoder (in blocks of 128,
-    /// <see cref="BlockQuantization.DecoderInt8"/>), int4 and CUDA (whose fast kernel is MatMulNBits) use blocks.
+    /// multiply many rows at once, and MLAS' integer GEMM is the fast kernel for that); the decoder (its own block sizes,
+    /// <see cref="BlockQuantization.DecoderInt8"/> and <see cref="BlockQuantization.DecoderInt4"/>), int4 and CUDA
+    /// (whose fast kernel is MatMulNBits) use blocks.
     /// The decoder's feed-forward output projections (<c>decoder.….DenseReluDense.wo</c>) and the lm_head stay exact
     /// in every scheme. On the demo dev set, int8 elsewhere with them at int8 too kept 81.7% of answers equal to
     /// float32's, with them exact 98.9% (int4: 67.4% → 92.8%): nearly all of the difference is first tokens whose
@@ -102,7 +106,7 @@ public sealed record WeightScheme
     public LinearQuantization? For(WeightStage stage, string weightName, ExecutionDevice device = ExecutionDevice.Cpu)
     {
         if (IsSensitive(weightName) || For(stage) is not { } bits) return null;
-        if (bits.Bits == 8 && stage == WeightStage.Decoder) return BlockQuantization.DecoderInt8;
+        if (stage == WeightStage.Decoder) return bits.Bits == 8 ? BlockQuantization.DecoderInt8 : BlockQuantization.DecoderInt4;
         return bits.Bits == 8 && device == ExecutionDevice.Cpu ? ChannelQuantization.Int8 : bits;
     }
 
