@@ -40,6 +40,7 @@ Command[] commands =
     new("up", "the whole mesh on 127.0.0.1, until Ctrl-C", """
         usage: blip2mesh up --model DIR [--port P (50051)] [--http-port N (P+1)] [--decoder-replicas N (1)] [--redis HOST:PORT]
                             [--device cpu|cuda] [--threads N] [--weights auto|int8|int4|STAGE=MODE,...] [--cache-dir DIR]
+                            [--model-name NAME (the model folder's name; the OpenAI API's model id)]
         Starts vision, qformer, the decoders and the gateway, each its own process; prints "ready 127.0.0.1:P" once
         all report SERVING. The gateway's gRPC API is on P, its HTTP/JSON API and playground on N.
         """, UpCommand.Run),

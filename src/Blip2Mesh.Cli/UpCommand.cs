@@ -30,6 +30,7 @@ internal static partial class UpCommand
         var decoders = args.Int("decoder-replicas") ?? 1;
         var device = args.Optional("device") ?? "cpu";
         var redis = args.Optional("redis");
+        var modelName = args.Optional("model-name");
         // Three model processes share this machine's cores.
         var threads = args.Int("threads") ?? Math.Max(1, Environment.ProcessorCount / 3);
         // Each model stage reads the stages of the scheme it runs (the decoder service runs encoder and decoder).
@@ -60,7 +61,9 @@ internal static partial class UpCommand
             foreach (var stage in services.ToList()) WaitUntilListening(stage);
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
                 "--decoder", string.Join(",", stageDecoders.Select(d => $"127.0.0.1:{d.Port}"))];
-            WaitUntilListening(Start(services, "gateway", model, device, threads, port, httpPort, redis is null ? gatewayArgs : [.. gatewayArgs, "--redis", redis]));
+            if (redis is not null) gatewayArgs = [.. gatewayArgs, "--redis", redis];
+            if (modelName is not null) gatewayArgs = [.. gatewayArgs, "--model-name", modelName];
+            WaitUntilListening(Start(services, "gateway", model, device, threads, port, httpPort, gatewayArgs));
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");

@@ -150,6 +150,15 @@ public sealed class OpenAiTests(OpenAiTests.TinyMesh mesh) : IClassFixture<OpenA
     }
 
     [Fact]
+    public async Task UpServesTheOpenAiApiUnderTheModelNameItIsGiven()
+    {
+        using var up = new MeshProcess(Fixtures.Demo, 1, null, "--model-name", "demo-vqa");
+        using var http = new HttpClient { BaseAddress = new Uri(up.HttpAddress) };
+        using var models = await http.GetFromJsonAsync<JsonDocument>("/v1/models");
+        Assert.Equal("demo-vqa", models!.RootElement.GetProperty("data")[0].GetProperty("id").GetString());
+    }
+
+    [Fact]
     public async Task ChatCompletionsAnswerAsHuggingFaceWithOpenAisShape()
     {
         using var models = await mesh.Http.GetFromJsonAsync<JsonDocument>("/v1/models");
