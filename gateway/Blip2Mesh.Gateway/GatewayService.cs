@@ -58,7 +58,7 @@ public static class GatewayStage
                 new DateTimeOffset(File.GetLastWriteTimeUtc(Path.Combine(model, "config.json"))).ToUnixTimeSeconds());
         });
         services.AddSingleton(new StagePipelines(gateway.Resilience));
-        services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes));
+        services.AddSingleton(sp => new StageChannels(gateway, sp.GetRequiredService<ServiceOptions>().MaxMessageBytes, sp.GetRequiredService<ILogger<StageChannels>>()));
         services.AddSingleton(_ => new EmbeddingCache(gateway.CacheBytes));
         services.AddSingleton<IReadinessCheck, StageReadiness>();
         services.AddSingleton(sp => T5Tokenizer.Load(sp.GetRequiredService<ServiceOptions>().Model));

@@ -6,43 +6,47 @@ using Grpc.Net.Client;
 using Grpc.Net.Client.Balancer;
 using Grpc.Net.Client.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 
 namespace Blip2Mesh.Gateway;
 
 /// <summary>
-/// One gRPC channel per stage, balancing round-robin over the stage's replicas: a static list of "host:port",
-/// or a single DNS name (e.g. a Kubernetes headless Service) re-resolved periodically.
+/// One gRPC channel per stage, balancing round-robin over the stage's replicas that pass their health checks
+/// (<see cref="HealthCheckedResolver"/>): a list of "host:port", or a DNS name (e.g. a Kubernetes headless Service)
+/// re-resolved periodically.
 /// </summary>
 public sealed class StageChannels : IDisposable
 {
-    public StageChannels(GatewayOptions options, int maxMessageBytes)
+    public StageChannels(GatewayOptions options, int maxMessageBytes, ILogger logger)
     {
         var ca = options.StageTlsCa is null ? null : X509Certificate2.CreateFromPem(File.ReadAllText(options.StageTlsCa));
-        Vision = Create("vision", options.Vision, maxMessageBytes, ca, options.Resilience);
-        QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca, options.Resilience);
-        Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca, options.Resilience);
+        Vision = Create("vision", options.Vision, maxMessageBytes, ca, options.Resilience, logger);
+        QFormer = Create("qformer", options.QFormer, maxMessageBytes, ca, options.Resilience, logger);
+        Decoder = Create("decoder", options.Decoder, maxMessageBytes, ca, options.Resilience, logger);
     }
 
     public GrpcChannel Vision { get; }
     public GrpcChannel QFormer { get; }
     public GrpcChannel Decoder { get; }
 
-    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes, X509Certificate2? ca, ResilienceOptions resilience)
+    private static GrpcChannel Create(string stage, IReadOnlyList<string> replicas, int maxMessageBytes, X509Certificate2? ca, ResilienceOptions resilience, ILogger logger)
     {
         if (replicas.Count == 0) throw new ArgumentException($"no {stage} address given");
         var endpoints = replicas.Select(r => Parse(stage, r)).ToList();
+        GrpcChannel HealthChannel(string address, int port, string host)
+        {
+            var health = new SocketsHttpHandler { ConnectTimeout = resilience.HealthCheckTimeout };
+            if (ca is not null)
+            {
+                health.SslOptions.TargetHost = host;
+                health.SslOptions.RemoteCertificateValidationCallback = (_, certificate, _, errors) => TrustedBy(ca, certificate, errors);
+            }
+            var authority = IPAddress.TryParse(address, out var ip) && ip.AddressFamily == System.Net.Sockets.AddressFamily.InterNetworkV6 ? $"[{address}]" : address;
+            return GrpcChannel.ForAddress($"{(ca is null ? "http" : "https")}://{authority}:{port}", new GrpcChannelOptions { HttpHandler = health });
+        }
         var services = new ServiceCollection();
-        string target;
-        if (endpoints.Count == 1 && !IPAddress.TryParse(endpoints[0].Host, out _) && endpoints[0].Host != "localhost")
-        {
-            services.AddSingleton<ResolverFactory>(new DnsResolverFactory(refreshInterval: TimeSpan.FromSeconds(15)));
-            target = $"dns:///{endpoints[0].Host}:{endpoints[0].Port}";
-        }
-        else
-        {
-            services.AddSingleton<ResolverFactory>(new StaticResolverFactory(_ => endpoints.Select(e => new BalancerAddress(e.Host, e.Port))));
-            target = $"static:///{stage}";
-        }
+        services.AddSingleton<ResolverFactory>(new HealthCheckedResolverFactory(_ => new HealthCheckedResolver(stage, endpoints, HealthChannel, resilience, logger)));
+        var target = $"stage:///{stage}";
         var handler = new SocketsHttpHandler
         {
             EnableMultipleHttp2Connections = true,

@@ -15,6 +15,9 @@ public sealed record ResilienceOptions
     /// <summary>HTTP/2 pings on stage connections with calls in flight: a stage that stops answering them is given up on.</summary>
     public TimeSpan KeepAlivePingDelay { get; init; } = TimeSpan.FromSeconds(10);
     public TimeSpan KeepAlivePingTimeout { get; init; } = TimeSpan.FromSeconds(5);
+    /// <summary>How often each stage replica's health is asked; one that does not answer SERVING in time gets no calls.</summary>
+    public TimeSpan HealthCheckInterval { get; init; } = TimeSpan.FromSeconds(1);
+    public TimeSpan HealthCheckTimeout { get; init; } = TimeSpan.FromSeconds(2);
     public int MaxRetries { get; init; } = 3;
     public TimeSpan RetryDelay { get; init; } = TimeSpan.FromMilliseconds(100);
     /// <summary>The circuit opens when this share of a stage's calls failed within the sampling window…</summary>

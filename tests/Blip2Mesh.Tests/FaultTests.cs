@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using Blip2Mesh.Model.Generation;
+using Blip2Mesh.ServiceDefaults;
 using Grpc.Core;
 using Xunit.Abstractions;
 
@@ -89,6 +90,84 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
             Assert.Null(answer.Error);
         }
         Assert.True(_decoderB.Metric("blip2mesh_stage_requests_total") > before, "the restarted decoder got no traffic");
+    }
+
+    /// <summary>
+    /// A decoder that stops answering without closing its connections (SIGSTOP: a frozen node, a long pause) is found
+    /// by the HTTP/2 keep-alive pings: its streams fail UNAVAILABLE within the ping delay and timeout. Its kernel still
+    /// accepts connections, so only its failed health checks take it out of the round-robin: new requests go to the
+    /// other replica at once (without them, some failed after four attempts had all picked the frozen one).
+    /// </summary>
+    [Fact]
+    public async Task AHungDecoderFailsOnlyItsStreamsWithinTheKeepAliveBoundAndTheRestAreServedByTheOther()
+    {
+        var expected = ExpectedAnswers();
+        var options = new ServiceOptions { Model = Fixtures.Demo, Port = MeshProcess.FreePort() };
+        var resilience = new Gateway.ResilienceOptions { KeepAlivePingDelay = TimeSpan.FromSeconds(1), KeepAlivePingTimeout = TimeSpan.FromSeconds(1) };
+        await using var gateway = Cli.StageHosts.Gateway(options, new Gateway.GatewayOptions
+        {
+            Vision = [_vision.Address], QFormer = [_qformer.Address], Decoder = [_decoderA.Address, _decoderB.Address], Resilience = resilience,
+        });
+        await gateway.StartAsync();
+        var client = MeshClients.Gateway($"127.0.0.1:{options.Port}", out var channel);
+        using var _ = channel;
+        var image = File.ReadAllBytes(Samples()[0]);
+        // Both replicas connected, so round-robin spreads the calls below over both.
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (_decoderB.Metric("blip2mesh_stage_requests_total") == 0 || _decoderA.Metric("blip2mesh_stage_requests_total") == 0)
+        {
+            Assert.True(DateTime.UtcNow < deadline, "a decoder got no traffic");
+            Assert.Null((await MeshClients.AskAsync(client, MeshClients.Request(image))).Error);
+        }
+
+        // Long answers, each read up to its first tokens, so that those on B are mid-stream when it freezes.
+        var longAnswer = new Contracts.V1.GenerationOptions { MaxNewTokens = 512, MinNewTokens = 512 };
+        var calls = Enumerable.Range(0, 8).Select(_ => client.Generate(MeshClients.Request(image, "", longAnswer), deadline: DateTime.UtcNow.AddSeconds(60))).ToList();
+        foreach (var call in calls) Assert.True(await call.ResponseStream.MoveNext());
+        var clock = Stopwatch.StartNew();
+        _decoderB.Pause();
+        try
+        {
+            async Task<RpcException?> Rest(AsyncServerStreamingCall<Contracts.V1.GenerateResponse> call)
+            {
+                using (call)
+                {
+                    try
+                    {
+                        while (await call.ResponseStream.MoveNext()) { }
+                        return null;
+                    }
+                    catch (RpcException e)
+                    {
+                        return e;
+                    }
+                }
+            }
+            var errors = await Task.WhenAll(calls.Select(Rest));
+            var failed = errors.OfType<RpcException>().ToList();
+            output.WriteLine($"{failed.Count} of 8 streams failed, {clock.Elapsed.TotalSeconds:F1} s after the pause: {failed.FirstOrDefault()?.Status.Detail}");
+            Assert.NotEmpty(failed);
+            Assert.All(failed, e => Assert.Equal(StatusCode.Unavailable, e.StatusCode));
+            Assert.All(failed, e => Assert.Contains("decoder", e.Status.Detail));
+            // Found by the pings (1 s + 1 s), not by the 60 s deadline.
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(15), $"the frozen decoder's streams took {clock.Elapsed} to fail");
+
+            // B still accepts connections (its kernel does) but never answers its health checks: new requests go to A.
+            foreach (var prompt in Prompts)
+            {
+                var started = Stopwatch.StartNew();
+                var answer = await MeshClients.AskAsync(client, MeshClients.Request(image, prompt), TimeSpan.FromSeconds(30));
+                output.WriteLine($"'{prompt}' with a decoder frozen: {(answer.Error?.Status.Detail ?? "answered")} in {started.Elapsed.TotalSeconds:F1} s");
+                Assert.Null(answer.Error);
+                Assert.Equal(expected[(Samples()[0], prompt)], answer.TokenIds);
+                Assert.True(started.Elapsed < TimeSpan.FromSeconds(5), $"a request took {started.Elapsed} with a decoder frozen");
+            }
+        }
+        finally
+        {
+            _decoderB.Resume();
+            await gateway.StopAsync();
+        }
     }
 
     [Fact]

@@ -89,6 +89,12 @@ public sealed partial class ServiceProcess : IDisposable
     /// <summary>SIGTERM: graceful shutdown, in-flight streams finish.</summary>
     public void Terminate() => _ = SendSignal(_process!.Id, 15);
 
+    /// <summary>SIGSTOP: the process stops answering but its connections stay open, as on a frozen node.</summary>
+    public void Pause() => _ = SendSignal(_process!.Id, 19);
+
+    /// <summary>SIGCONT after <see cref="Pause"/>.</summary>
+    public void Resume() => _ = SendSignal(_process!.Id, 18);
+
     public bool WaitForExit(TimeSpan timeout) => _process!.WaitForExit(timeout);
 
     /// <summary>Sum of a Prometheus counter or gauge on this service's /metrics, matching a label filter.</summary>
