@@ -474,13 +474,12 @@ internal static partial class BenchCommand
 
         public static MeshTarget Connect(string address, Dictionary<string, int> pids) => new(address, pids, null);
 
-        /// <summary>Runs <c>blip2mesh up</c> on free ports, waits for "ready" and finds each service's pid (children of up running "serve").</summary>
+        /// <summary>Runs <c>blip2mesh up</c> on ports the system chooses, waits for "ready" and finds each service's pid (children of up running "serve").</summary>
         public static MeshTarget StartMesh(string model, string device, int decoderReplicas, int? threads, WeightScheme weights, string? cacheDir)
         {
             var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
             start.ArgumentList.Add(typeof(BenchCommand).Assembly.Location);
-            foreach (var arg in (string[])["up", "--model", model, "--port", LoopbackPorts.Free().ToString(CultureInfo.InvariantCulture),
-                         "--http-port", LoopbackPorts.Free().ToString(CultureInfo.InvariantCulture), "--device", device,
+            foreach (var arg in (string[])["up", "--model", model, "--port", "0", "--device", device,
                          "--decoder-replicas", decoderReplicas.ToString(CultureInfo.InvariantCulture)])
                 start.ArgumentList.Add(arg);
             if (threads is { } n) { start.ArgumentList.Add("--threads"); start.ArgumentList.Add(n.ToString(CultureInfo.InvariantCulture)); }

@@ -42,7 +42,8 @@ Command[] commands =
                             [--device cpu|cuda] [--threads N] [--weights auto|int8|int4|STAGE=MODE,...] [--cache-dir DIR]
                             [--model-name NAME (the model folder's name; the OpenAI API's model id)]
         Starts vision, qformer, the decoders and the gateway, each its own process; prints "ready 127.0.0.1:P" once
-        all report SERVING. The gateway's gRPC API is on P, its HTTP/JSON API and playground on N.
+        all report SERVING. The gateway's gRPC API is on P, its HTTP/JSON API and playground on N (--port 0: both
+        chosen by the system, and printed).
         """, UpCommand.Run),
     new("serve", "one service of the mesh in this process", $"""
         usage: blip2mesh serve vision|qformer|decoder|gateway --model DIR --port N [options]

@@ -26,7 +26,7 @@ internal static partial class UpCommand
         var args = new Args(argv, ModelInputs.Flags);
         var modelArg = args.Required("model");
         var port = args.Int("port") ?? 50051;
-        var httpPort = args.Int("http-port") ?? port + 1;
+        var httpPort = args.Int("http-port") ?? (port == 0 ? 0 : port + 1);
         var decoders = args.Int("decoder-replicas") ?? 1;
         var device = args.Optional("device") ?? "cpu";
         var redis = args.Optional("redis");
@@ -39,7 +39,7 @@ internal static partial class UpCommand
         string[] weightArgs = weights.IsExact ? [] : cacheDir is null ? ["--weights", weights.Argument] : ["--weights", weights.Argument, "--cache-dir", Path.GetFullPath(cacheDir)];
         args.EnsureAllUsed();
         if (decoders < 1) throw new UsageException("--decoder-replicas must be at least 1");
-        if (httpPort == port) throw new UsageException("--port and --http-port must differ");
+        if (httpPort == port && port != 0) throw new UsageException("--port and --http-port must differ");
         // Checked here, before any service starts, so a mistake is one line rather than a service's failure.
         ModelFolder.Require(modelArg);
         var model = Path.GetFullPath(modelArg);
@@ -63,13 +63,14 @@ internal static partial class UpCommand
                 "--decoder", string.Join(",", stageDecoders.Select(d => $"127.0.0.1:{d.Port}"))];
             if (redis is not null) gatewayArgs = [.. gatewayArgs, "--redis", redis];
             if (modelName is not null) gatewayArgs = [.. gatewayArgs, "--model-name", modelName];
-            WaitUntilListening(Start(services, "gateway", model, device, threads, port, httpPort, gatewayArgs));
+            var gateway = Start(services, "gateway", model, device, threads, port, httpPort, gatewayArgs);
+            WaitUntilListening(gateway);
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
             foreach (var service in services) Console.Out.WriteLine($"metrics {service.Name} http://127.0.0.1:{service.HttpPort}/metrics");
-            Console.Out.WriteLine($"http http://127.0.0.1:{httpPort}");
-            Console.Out.WriteLine($"ready 127.0.0.1:{port}");
+            Console.Out.WriteLine($"http http://127.0.0.1:{gateway.HttpPort}");
+            Console.Out.WriteLine($"ready 127.0.0.1:{gateway.Port}");
             Console.Out.Flush();
             while (!stopping.IsCancellationRequested)
             {

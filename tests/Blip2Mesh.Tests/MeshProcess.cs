@@ -23,7 +23,7 @@ public sealed partial class MeshProcess : IDisposable
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var (name, value) in environment ?? new Dictionary<string, string>()) start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
-        foreach (var arg in (string[])["up", "--model", model, "--port", FreePort().ToString(), "--http-port", FreePort().ToString(), "--decoder-replicas", decoderReplicas.ToString(), .. extra])
+        foreach (var arg in (string[])["up", "--model", model, "--port", "0", "--decoder-replicas", decoderReplicas.ToString(), .. extra])
             start.ArgumentList.Add(arg);
         _process = Process.Start(start)!;
         _process.ErrorDataReceived += (_, e) => { lock (_log) _log.AppendLine(e.Data); };
@@ -60,7 +60,7 @@ public sealed partial class MeshProcess : IDisposable
         HttpAddress = http ?? throw new InvalidOperationException("no http address printed");
     }
 
-    public static int FreePort() => Cli.LoopbackPorts.Free();
+    public static int FreePort() => LoopbackPorts.Free();
 
     public void Dispose()
     {

@@ -1,9 +1,9 @@
 using System.Net;
 using System.Net.Sockets;
 
-namespace Blip2Mesh.Cli;
+namespace Blip2Mesh.Tests;
 
-/// <summary>Free loopback ports for the services this process starts.</summary>
+/// <summary>Free loopback ports for the services a test starts in its own process (a process it starts is given port 0 and says which it got).</summary>
 public static class LoopbackPorts
 {
     private const int First = 20000;
