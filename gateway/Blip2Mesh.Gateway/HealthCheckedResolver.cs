@@ -20,7 +20,8 @@ internal sealed class HealthCheckedResolver(string stage, IReadOnlyList<(string 
 {
     private static readonly TimeSpan NameRefresh = TimeSpan.FromSeconds(15);
     private readonly CancellationTokenSource _stop = new();
-    private readonly SemaphoreSlim _wake = new(0);
+    /// <summary>At most one early check pending, however many connections failed meanwhile.</summary>
+    private readonly SemaphoreSlim _wake = new(0, 1);
     /// <summary>One channel per replica for its health checks, so a check never rides the balancer it informs.</summary>
     private readonly Dictionary<DnsEndPoint, GrpcChannel> _channels = [];
     /// <summary>Grpc.Net.Client's own attribute (its DNS resolver sets it): the Host header, and so the name TLS checks.</summary>
@@ -29,7 +30,17 @@ internal sealed class HealthCheckedResolver(string stage, IReadOnlyList<(string 
     public override void Start(Action<ResolverResult> listener) => _ = Task.Run(() => RunAsync(listener, _stop.Token));
 
     /// <summary>The balancer lost a connection: check now rather than at the next interval.</summary>
-    public override void Refresh() => _wake.Release();
+    public override void Refresh()
+    {
+        try
+        {
+            _wake.Release();
+        }
+        catch (SemaphoreFullException)
+        {
+            // One is pending already.
+        }
+    }
 
     private async Task RunAsync(Action<ResolverResult> listener, CancellationToken stop)
     {
@@ -67,9 +78,10 @@ internal sealed class HealthCheckedResolver(string stage, IReadOnlyList<(string 
             {
                 return;
             }
-            catch (Exception e) when (e is System.Net.Sockets.SocketException or ArgumentException)
+            catch (Exception e)
             {
                 // The name does not resolve (yet): the balancer reports the stage unavailable until it does.
+                logger.LogWarning("the {Stage} stage's replicas cannot be found: {Message}", stage, e.Message);
                 listener(ResolverResult.ForFailure(new Status(StatusCode.Unavailable, $"the {stage} stage's address does not resolve", e)));
                 resolvedAt = DateTime.MinValue;
             }
