@@ -102,7 +102,7 @@ internal sealed class HealthCheckedResolver(string stage, IReadOnlyList<(string 
         var replicas = new List<(BalancerAddress, string)>();
         foreach (var (host, port) in endpoints)
         {
-            if (IPAddress.TryParse(host, out _) || host == "localhost") replicas.Add((new BalancerAddress(host, port), host));
+            if (IPAddress.TryParse(host, out _)) replicas.Add((new BalancerAddress(host, port), host));
             else
                 foreach (var ip in await Dns.GetHostAddressesAsync(host, stop))
                 {

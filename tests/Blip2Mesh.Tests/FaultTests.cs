@@ -106,7 +106,8 @@ public sealed class FaultTests(ITestOutputHelper output) : IDisposable
         var resilience = new Gateway.ResilienceOptions { KeepAlivePingDelay = TimeSpan.FromSeconds(1), KeepAlivePingTimeout = TimeSpan.FromSeconds(1) };
         await using var gateway = Cli.StageHosts.Gateway(options, new Gateway.GatewayOptions
         {
-            Vision = [_vision.Address], QFormer = [_qformer.Address], Decoder = [_decoderA.Address, _decoderB.Address], Resilience = resilience,
+            // A by name, as a Kubernetes headless Service gives them: looked up, then checked address by address.
+            Vision = [_vision.Address], QFormer = [_qformer.Address], Decoder = [$"localhost:{_decoderA.Port}", _decoderB.Address], Resilience = resilience,
         });
         await gateway.StartAsync();
         var client = MeshClients.Gateway($"127.0.0.1:{options.Port}", out var channel);
