@@ -162,7 +162,8 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         }
         await foreach (var decoded in tokens)
         {
-            var delta = Event(index, decoded.Ids, decoded.Logprobs, stop.Push(string.Concat(decoded.Ids.Select(text.Push))));
+            var kept = stop.PushTokens(decoded.Ids, text, out var passed);
+            var delta = Event(index, [.. decoded.Ids.Take(kept)], [.. decoded.Logprobs.Take(kept)], passed);
             // The last tokens and the end of the answer travel together: one message fewer on every hop.
             if (decoded.IsLast || (stop.Stopped && !beamSearch))
             {
@@ -174,13 +175,15 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         await Finish(Event(index, [], [], ""), complete: true);
     }
 
-    /// <summary>A finished beam as one event, cut at its first stop string.</summary>
+    /// <summary>A finished beam as one event, cut at its first stop string (its ids and logprobs too).</summary>
     private DecodeEvent WholeAnswer(int index, GeneratedSequence sequence, IReadOnlyList<string> stops)
     {
         var stop = new StopSequenceFilter(stops);
         var ids = sequence.Ids.Skip(1).ToList();
-        var text = stop.Push(runtime.Value.Tokenizer.Decode(ids));
-        var e = Event(index, ids, sequence.Logprobs ?? [], stop.Stopped ? text : text + stop.Finish());
+        var decoder = runtime.Value.Tokenizer.CreateStreamingDecoder();
+        var kept = stop.PushTokens(ids, decoder, out var text);
+        if (!stop.Stopped) text += stop.Push(decoder.Finish());
+        var e = Event(index, [.. ids.Take(kept)], [.. (sequence.Logprobs ?? []).Take(kept)], stop.Stopped ? text : text + stop.Finish());
         e.FinishReason = stop.Stopped ? "stop" : sequence.FinishReason;
         return e;
     }

@@ -79,16 +79,30 @@ public sealed class OpenAiTests(OpenAiTests.TinyMesh mesh) : IClassFixture<OpenA
     {
         var full = Greedy(0, 0);
         Assert.StartsWith("X 182 415", full);
-        var (messages, _) = await Stream(MeshClients.Request(Image(0), "", new GenerationOptions { Stop = { "415", "nothing like it" } }));
+        var (messages, _) = await Stream(MeshClients.Request(Image(0), "", new GenerationOptions { Stop = { "415", "nothing like it" }, Logprobs = true }));
         Assert.Equal("X 182 ", Text(messages));
         Assert.All(messages, m => Assert.DoesNotContain("4", m.Text));
         Assert.Equal("stop", messages[^1].FinishReason);
-        // The token ids are those decoded (tiny-a's steps are fast: often the whole answer before the stop is seen).
         Assert.Equal(messages.Sum(m => m.TokenIds.Count), messages[^1].Usage.GeneratedTokens);
+        EndAtTheStop(messages, 0);
 
-        var (beam, _) = await Stream(MeshClients.Request(Image(0), "", new GenerationOptions { NumBeams = 4, Stop = { "415" } }));
+        var (beam, _) = await Stream(MeshClients.Request(Image(0), "", new GenerationOptions { NumBeams = 4, NumReturnSequences = 2, Stop = { "415" }, Logprobs = true }));
         Assert.Equal("X 182 ", Text(beam));
-        Assert.Equal("stop", beam[^1].FinishReason);
+        Assert.Equal("stop", beam.Last(m => m.Index == 0 && m.FinishReason.Length > 0).FinishReason);
+        EndAtTheStop(beam, 0);
+    }
+
+    /// <summary>
+    /// An answer cut by a stop string lists the tokens up to the one whose text completed it, and no more (tiny-a's
+    /// steps are fast: the decoder often has the whole answer before it sees the stop), each with its logprob.
+    /// </summary>
+    private static void EndAtTheStop(List<GenerateResponse> messages, int index)
+    {
+        var tokenizer = Model.Text.T5Tokenizer.Load(Fixtures.TinyA);
+        var ids = messages.Where(m => m.Index == index).SelectMany(m => m.TokenIds).ToList();
+        Assert.Equal(ids.Count, messages.Where(m => m.Index == index).Sum(m => m.Logprobs.Count));
+        Assert.Contains("415", tokenizer.Decode(ids));
+        Assert.DoesNotContain("415", tokenizer.Decode(ids[..^1]));
     }
 
     [Fact]

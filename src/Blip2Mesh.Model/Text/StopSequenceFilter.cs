@@ -30,6 +30,20 @@ public sealed class StopSequenceFilter(IReadOnlyList<string> stops)
         return text[..^hold];
     }
 
+    /// <summary>
+    /// Adds tokens one at a time as <paramref name="text"/> decodes them and returns how many of them belong to the
+    /// answer: all, or those up to the one whose text completes a stop string (none once stopped), so ids and logprobs
+    /// end where the text does. <paramref name="passed"/> is the text that can be passed on now.
+    /// </summary>
+    public int PushTokens(IReadOnlyList<int> ids, StreamingDecoder text, out string passed)
+    {
+        var output = new System.Text.StringBuilder();
+        var kept = 0;
+        while (kept < ids.Count && !Stopped) output.Append(Push(text.Push(ids[kept++])));
+        passed = output.ToString();
+        return kept;
+    }
+
     /// <summary>The answer ended without a stop string: the held text is the rest of it.</summary>
     public string Finish()
     {
