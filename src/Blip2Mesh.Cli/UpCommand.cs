@@ -58,13 +58,13 @@ internal static partial class UpCommand
             var vision = StartStage("vision");
             var qformer = StartStage("qformer");
             var stageDecoders = Enumerable.Range(0, decoders).Select(i => StartStage($"decoder-{i}")).ToList();
-            foreach (var stage in services.ToList()) WaitUntilListening(stage);
+            foreach (var stage in services.ToList()) WaitUntilListening(stage, stopping.Token);
             string[] gatewayArgs = ["--vision", $"127.0.0.1:{vision.Port}", "--qformer", $"127.0.0.1:{qformer.Port}",
                 "--decoder", string.Join(",", stageDecoders.Select(d => $"127.0.0.1:{d.Port}"))];
             if (redis is not null) gatewayArgs = [.. gatewayArgs, "--redis", redis];
             if (modelName is not null) gatewayArgs = [.. gatewayArgs, "--model-name", modelName];
             var gateway = Start(services, "gateway", model, device, threads, port, httpPort, gatewayArgs);
-            WaitUntilListening(gateway);
+            WaitUntilListening(gateway, stopping.Token);
 
             WaitUntilServing(services, stopping.Token);
             foreach (var service in services) Console.Out.WriteLine($"service {service.Name} 127.0.0.1:{service.Port}");
@@ -120,10 +120,14 @@ internal static partial class UpCommand
         return service;
     }
 
-    private static void WaitUntilListening(Service service)
+    /// <summary>Until the service has said where it listens (it does so before it loads its model: seconds).</summary>
+    private static void WaitUntilListening(Service service, CancellationToken stopping)
     {
+        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(2);
         while (!service.Listening.Wait(TimeSpan.FromMilliseconds(200)))
         {
+            stopping.ThrowIfCancellationRequested();
+            if (DateTime.UtcNow > deadline) throw new InvalidOperationException($"the {service.Name} service did not start listening in time");
             if (!service.Process.HasExited) continue;
             service.Process.WaitForExit(); // its last output, which may still say where it listened
             if (service.Listening.IsCompleted) return;
@@ -143,7 +147,7 @@ internal static partial class UpCommand
                 stopping.ThrowIfCancellationRequested();
                 if (service.Process.HasExited)
                     throw new InvalidOperationException($"the {service.Name} service exited with code {service.Process.ExitCode} before it was ready");
-                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the {service.Name} service did not report SERVING in time");
+                if (DateTime.UtcNow > deadline) throw new InvalidOperationException($"the {service.Name} service did not report SERVING in time");
                 try
                 {
                     var status = health.Check(new HealthCheckRequest(), deadline: DateTime.UtcNow.AddSeconds(2)).Status;
