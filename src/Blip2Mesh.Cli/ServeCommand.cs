@@ -50,7 +50,7 @@ internal static class ServeCommand
         ListenPorts.RequireFree(service, address, options.Port, "--port N");
         if (options.HttpPort is { } httpPort) ListenPorts.RequireFree(service, address, httpPort, "--http-port N");
 
-        var app = build();
+        using var app = build(); // Run would have disposed it; Start and WaitForShutdown do not
         try
         {
             app.Start();
