@@ -140,9 +140,9 @@ internal sealed class HealthCheckedResolver(string stage, IReadOnlyList<(string 
 }
 
 /// <summary>Creates the <see cref="HealthCheckedResolver"/> of one stage's channel (target "stage:///NAME").</summary>
-internal sealed class HealthCheckedResolverFactory(Func<ResolverOptions, HealthCheckedResolver> create) : ResolverFactory
+internal sealed class HealthCheckedResolverFactory(Func<HealthCheckedResolver> create) : ResolverFactory
 {
     public override string Name => "stage";
 
-    public override Resolver Create(ResolverOptions options) => create(options);
+    public override Resolver Create(ResolverOptions options) => create();
 }

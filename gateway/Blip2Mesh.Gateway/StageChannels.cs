@@ -45,7 +45,7 @@ public sealed class StageChannels : IDisposable
             return GrpcChannel.ForAddress($"{(ca is null ? "http" : "https")}://{authority}:{port}", new GrpcChannelOptions { HttpHandler = health });
         }
         var services = new ServiceCollection();
-        services.AddSingleton<ResolverFactory>(new HealthCheckedResolverFactory(_ => new HealthCheckedResolver(stage, endpoints, HealthChannel, resilience, logger)));
+        services.AddSingleton<ResolverFactory>(new HealthCheckedResolverFactory(() => new HealthCheckedResolver(stage, endpoints, HealthChannel, resilience, logger)));
         var target = $"stage:///{stage}";
         var handler = new SocketsHttpHandler
         {

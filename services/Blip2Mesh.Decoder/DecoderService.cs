@@ -148,8 +148,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         var stop = new StopSequenceFilter(stops);
         async Task Finish(DecodeEvent last, bool complete)
         {
-            if (!stop.Stopped) last.Text += stop.Push(text.Finish());
-            if (!stop.Stopped) last.Text += stop.Finish();
+            last.Text += stop.FinishTokens(text);
             last.FinishReason = stop.Stopped ? "stop" : state.Results[0].FinishReason;
             await events.WriteAsync(last, cancellation);
             if (!complete)
@@ -182,8 +181,7 @@ public sealed class DecoderService(LoadedModel<DecoderRuntime> runtime, Generati
         var ids = sequence.Ids.Skip(1).ToList();
         var decoder = runtime.Value.Tokenizer.CreateStreamingDecoder();
         var kept = stop.PushTokens(ids, decoder, out var text);
-        if (!stop.Stopped) text += stop.Push(decoder.Finish());
-        var e = Event(index, [.. ids.Take(kept)], [.. (sequence.Logprobs ?? []).Take(kept)], stop.Stopped ? text : text + stop.Finish());
+        var e = Event(index, [.. ids.Take(kept)], [.. (sequence.Logprobs ?? []).Take(kept)], text + stop.FinishTokens(decoder));
         e.FinishReason = stop.Stopped ? "stop" : sequence.FinishReason;
         return e;
     }

@@ -9,7 +9,6 @@ namespace Blip2Mesh.Tests;
 /// <summary>One `blip2mesh serve …` process on loopback, for tests that kill and restart services.</summary>
 public sealed partial class ServiceProcess : IDisposable
 {
-    private readonly string _service;
     private readonly string[] _extra;
     private Process? _process;
     private readonly StringBuilder _log = new();
@@ -24,7 +23,6 @@ public sealed partial class ServiceProcess : IDisposable
     public ServiceProcess(string service, string model, params string[] extra)
     {
         Name = service;
-        _service = service;
         _extra = [.. extra, "--model", model];
         Start();
     }
@@ -34,7 +32,7 @@ public sealed partial class ServiceProcess : IDisposable
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "blip2mesh.dll"));
-        foreach (var arg in (string[])["serve", _service, "--port", Port.ToString(), "--http-port", HttpPort.ToString(), .. _extra]) start.ArgumentList.Add(arg);
+        foreach (var arg in (string[])["serve", Name, "--port", Port.ToString(), "--http-port", HttpPort.ToString(), .. _extra]) start.ArgumentList.Add(arg);
         var listening = new TaskCompletionSource<(int, int)>(TaskCreationOptions.RunContinuationsAsynchronously);
         _process = Process.Start(start)!;
         _process.OutputDataReceived += (_, e) =>

@@ -44,6 +44,14 @@ public sealed class StopSequenceFilter(IReadOnlyList<string> stops)
         return kept;
     }
 
+    /// <summary>The answer's tokens ended: what <paramref name="text"/> still held, then what this filter held back, up to a stop string.</summary>
+    public string FinishTokens(StreamingDecoder text)
+    {
+        if (Stopped) return "";
+        var rest = Push(text.Finish());
+        return Stopped ? rest : rest + Finish();
+    }
+
     /// <summary>The answer ended without a stop string: the held text is the rest of it.</summary>
     public string Finish()
     {
